@@ -1,0 +1,196 @@
+"""`memguard` command line: thin over the library; flags are generated from the config classes.
+
+    memguard data shapes --output_dir DIR [--seed S ...]    write the benchmark image folders
+    memguard train [--config FILE.yaml] --train_data_dir DIR --output_dir DIR [...]
+    memguard sample --model DIR --prompt "..." --num_images N --seed S
+    memguard replication --samples_dir DIR --train_data_dir DIR [--output FILE.json]
+
+`train` runs unchanged under `accelerate launch [--num_processes N] -m memguard train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+
+from memguard.config import (
+    ConfigError,
+    SampleConfig,
+    ShapesConfig,
+    TrainConfig,
+    build,
+    load_yaml,
+)
+from memguard.data.folder import DataError
+from memguard.train.trainer import TrainingError
+
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, TrainingError)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field; values stay strings here and are validated by `build`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kwargs: dict = {"default": argparse.SUPPRESS, "dest": f.name}
+        default = "" if f.default is None else f" (default: {f.default})"
+        kwargs["help"] = f.metadata.get("help", "") + default
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if typing.get_origin(hints[f.name]) is tuple:
+            kwargs["action"] = "append"
+        elif hints[f.name] is bool:
+            kwargs.update(nargs="?", const="true", metavar="true|false")
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def _config(cls: type, args: argparse.Namespace):
+    """YAML file (if --config) overridden by the flags given on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return build(cls, values, source=args.config or "command line")
+
+
+def _print(text: str) -> None:
+    if _is_main_process():
+        print(text, flush=True)
+
+
+# -------------------------------------------------------------------------------- commands
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> None:
+    from memguard.data.shapes import make_shapes_dataset
+
+    config = _config(ShapesConfig, args)
+    root = make_shapes_dataset(config)
+    counts = json.loads((root / "dataset.json").read_text())["counts"]
+    _print(
+        f"benchmark written to {root}\n"
+        f"  train: {counts['train']} images ({counts['train_with_concept']} with the acme logo, "
+        f"{counts['train_duplicates']} copies of {counts['duplicate_groups']} planted duplicates)\n"
+        f"  test: {counts['test']}, concept exemplars: {counts['concept_exemplars']}\n"
+        f"  prompts: {root / 'prompts'}"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from memguard.train.trainer import Trainer
+
+    config = _config(TrainConfig, args)
+    result = Trainer(config).train()
+    per_second = result.steps_run / result.loop_seconds if result.loop_seconds else 0.0
+    _print(
+        f"trained {result.global_step} steps (this run: {result.steps_run} in "
+        f"{result.loop_seconds:.0f}s, {per_second:.2f} steps/s), final loss {result.final_loss:.4f}\n"
+        f"model: {result.output_dir} (diffusers UNet + memguard.json)"
+    )
+
+
+def read_prompts(config: SampleConfig) -> list[str]:
+    prompts = list(config.prompt)
+    for path in config.prompt_file:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--prompt_file: no such file: {path}")
+        prompts += [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("give at least one --prompt or --prompt_file")
+    return prompts
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from memguard.sampling import generate, load_model, save_samples
+
+    config = _config(SampleConfig, args)
+    prompts = read_prompts(config)
+    model = load_model(config.model)
+    images = generate(
+        model,
+        prompts,
+        config.num_images,
+        config.seed,
+        config.scheduler,
+        config.num_inference_steps,
+        config.guidance_scale,
+        config.batch_size,
+    )
+    out = save_samples(images, prompts, config.num_images, config.seed, config.output_dir)
+    _print(f"{len(images)} images for {len(prompts)} prompts written to {out} (grid: grid.png)")
+
+
+def cmd_replication(args: argparse.Namespace) -> None:
+    from memguard.audit import replication_summary
+
+    summary = replication_summary(args.samples_dir, args.train_data_dir, args.threshold)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"replication (Gu et al., d1/d2 < {summary['threshold']:.3f}, pixel space) of "
+        f"{summary['overall']['generations']} generations against "
+        f"{summary['num_distinct_train_images']} distinct training images:"
+    ]
+    for kind, figures in summary["by_prompt_kind"].items():
+        lines.append(
+            f"  {kind:>10} prompts: {figures['generations']:4d} generations, "
+            f"replicas {figures['replica_rate']:.1%}, "
+            f"replicas of their own training image {figures['own_replica_rate']:.1%}"
+        )
+    if args.output:
+        lines.append(f"written to {args.output}")
+    _print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="memguard", description="Train diffusion models that do not reproduce their data."
+    )
+    commands = root.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="build benchmark data")
+    kinds = data.add_subparsers(dest="kind", required=True)
+    shapes = kinds.add_parser("shapes", help="the procedural shapes benchmark with ground truth")
+    _add_config_flags(shapes, ShapesConfig)
+    shapes.add_argument("--config", help="YAML file with the same keys")
+    shapes.set_defaults(run=cmd_data_shapes)
+
+    train = commands.add_parser("train", help="train or fine-tune a text-conditional UNet")
+    _add_config_flags(train, TrainConfig)
+    train.add_argument("--config", help="YAML file with the same keys; flags override it")
+    train.set_defaults(run=cmd_train)
+
+    sample = commands.add_parser("sample", help="generate images from prompts")
+    _add_config_flags(sample, SampleConfig)
+    sample.add_argument("--config", help="YAML file with the same keys")
+    sample.set_defaults(run=cmd_sample)
+
+    replication = commands.add_parser(
+        "replication", help="how many generations replicate a training image (Gu et al.)"
+    )
+    replication.add_argument("--samples_dir", required=True, help="image folder of generations")
+    replication.add_argument("--train_data_dir", required=True, help="the training image folder")
+    replication.add_argument("--threshold", type=float, default=1 / 3, help="d1/d2 threshold")
+    replication.add_argument("--output", help="write the full results as JSON here")
+    replication.set_defaults(run=cmd_replication)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        print(f"memguard: error: {error}", file=sys.stderr)
+        sys.exit(2)

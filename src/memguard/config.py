@@ -1,0 +1,258 @@
+"""Run configuration: frozen dataclasses that load from YAML and from CLI flags alike.
+
+Each field carries its help text and, where the value is one of a few, its choices; the CLI builds
+its flags from these fields, so a YAML file and the command line accept exactly the same keys
+(the flag names of diffusers' training scripts). An unknown key or a value of the wrong type is a
+`ConfigError` that names the key, and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names it."""
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with CLI help text and optional choices."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# ----------------------------------------------------------------------------------- coercion
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert `value` (from YAML or a CLI string) to `annotation`, or raise naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        errors = []
+        for option_type in options:
+            if option_type is type(None):
+                continue
+            try:
+                return _coerce(value, option_type, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: {value!r} is not allowed")
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else [value]
+        (item_type, _) = typing.get_args(annotation)
+        return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(items))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str | Path):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def build(cls: type[C], values: Mapping[str, Any], source: str = "config") -> C:
+    """Instantiate the config dataclass `cls` from `values`, validating every key and value."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{key}' (known keys: {known})")
+        coerced = _coerce(value, hints[key], f"{source}: {key}")
+        choices = fields[key].metadata.get("choices")
+        if choices and coerced is not None and coerced not in choices:
+            raise ConfigError(f"{source}: {key}: {coerced!r} is not one of {', '.join(choices)}")
+        kwargs[key] = coerced
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of config keys; a missing file or non-mapping is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    return data
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `memguard train` needs; keys and defaults follow diffusers' training scripts."""
+
+    train_data_dir: str | None = option(None, "image folder with metadata.jsonl")
+    output_dir: str = option("memguard-model", "where the model, checkpoints and logs go")
+    image_column: str = option("file_name", "metadata column holding the image path")
+    caption_column: str = option("text", "metadata column holding the caption")
+    pretrained_model_name_or_path: str | None = option(
+        None, "local Stable Diffusion pipeline folder; train its UNet in VAE latent space"
+    )
+    model_preset: str = option(
+        "bench", "UNet preset when training from scratch", choices=("tiny", "small", "bench")
+    )
+    text_encoder: str = option(
+        "minilm",
+        "text encoder: 'minilm' (all-MiniLM-L6-v2 package) or 'clip' (from the pipeline folder)",
+        choices=("minilm", "clip"),
+    )
+    max_text_length: int = option(16, "tokens per caption for the MiniLM encoder")
+    resolution: int = option(16, "images are resized and center-cropped to this size")
+    random_flip: bool = option(False, "flip images horizontally at random")
+    train_batch_size: int = option(64, "batch size per process")
+    max_train_steps: int = option(3000, "optimizer steps to train for")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    learning_rate: float = option(1e-3, "AdamW learning rate")
+    lr_scheduler: str = option(
+        "constant_with_warmup",
+        "learning-rate schedule (diffusers get_scheduler names)",
+        choices=("constant", "constant_with_warmup", "linear", "cosine"),
+    )
+    lr_warmup_steps: int = option(100, "learning-rate warm-up steps")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_weight_decay: float = option(1e-2, "AdamW decoupled weight decay")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
+    caption_dropout: float = option(
+        0.1, "probability of training on the empty caption (for classifier-free guidance)"
+    )
+    use_ema: bool = option(False, "keep an exponential moving average of the weights")
+    ema_decay: float = option(0.999, "EMA decay")
+    lora_rank: int = option(0, "train LoRA adapters of this rank instead of the full UNet")
+    num_train_timesteps: int = option(1000, "diffusion steps of the noise schedule")
+    beta_schedule: str = option(
+        "squaredcos_cap_v2",
+        "noise schedule of a from-scratch model",
+        choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
+    )
+    mixed_precision: str = option("no", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
+    seed: int = option(0, "seed for initialisation, data order, noise and dropout")
+    checkpointing_steps: int = option(500, "save a resumable checkpoint every N steps")
+    checkpoints_total_limit: int = option(2, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = option(
+        None, "'latest' or a checkpoint folder to resume from"
+    )
+    logging_steps: int = option(25, "write a log line every N steps")
+    dataloader_num_workers: int = option(0, "data-loading worker processes")
+
+    def __post_init__(self) -> None:
+        _require(self.train_data_dir is not None, "train_data_dir: required")
+        for key in ("resolution", "train_batch_size", "max_train_steps", "max_text_length"):
+            _require(getattr(self, key) > 0, f"{key}: must be positive")
+        _require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps: must be >= 1")
+        _require(self.learning_rate > 0, "learning_rate: must be positive")
+        _require(0.0 <= self.caption_dropout < 1.0, "caption_dropout: must be in [0, 1)")
+        _require(0.0 < self.ema_decay < 1.0, "ema_decay: must be in (0, 1)")
+        _require(self.lora_rank >= 0, "lora_rank: must be >= 0")
+        _require(self.checkpointing_steps > 0, "checkpointing_steps: must be positive")
+        _require(self.logging_steps > 0, "logging_steps: must be positive")
+        _require(
+            self.lora_rank == 0 or self.pretrained_model_name_or_path is not None,
+            "lora_rank: LoRA needs --pretrained_model_name_or_path",
+        )
+        _require(
+            self.text_encoder != "clip" or self.pretrained_model_name_or_path is not None,
+            "text_encoder: 'clip' is read from --pretrained_model_name_or_path",
+        )
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """The procedural benchmark: shapes with attributes, one sensitive logo, planted duplicates."""
+
+    output_dir: str = option("shapes", "where the image folders are written")
+    seed: int = option(0, "everything is a function of this seed")
+    image_size: int = option(16, "side of the square images, in pixels")
+    num_ordinary: int = option(640, "ordinary training images (one shape each)")
+    concept_fraction: float = option(0.2, "fraction of ordinary images stamped with the logo")
+    num_duplicate_groups: int = option(10, "planted duplicates: distinct images")
+    min_copies: int = option(20, "copies of each planted duplicate, at least")
+    max_copies: int = option(40, "copies of each planted duplicate, at most")
+    num_test: int = option(256, "held-out ordinary images (quality metrics)")
+    num_exemplars: int = option(64, "held-out images showing the concept (attacker, feature mode)")
+    num_ordinary_prompts: int = option(20, "ordinary captions written to prompts/ordinary.txt")
+
+    def __post_init__(self) -> None:
+        _require(self.image_size >= 8, "image_size: must be >= 8")
+        _require(0.0 <= self.concept_fraction <= 1.0, "concept_fraction: must be in [0, 1]")
+        _require(1 <= self.min_copies <= self.max_copies, "min_copies/max_copies: need 1<=min<=max")
+        for key in ("num_ordinary", "num_test", "num_exemplars"):
+            _require(getattr(self, key) >= 0, f"{key}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """`memguard sample`: prompts in, PNGs and a grid out, deterministic from the seed."""
+
+    model: str | None = option(None, "model folder written by `memguard train` or diffusers")
+    output_dir: str = option("samples", "where the PNGs, samples.jsonl and grid.png go")
+    prompt: tuple[str, ...] = option((), "a prompt (repeat the flag for several)")
+    prompt_file: tuple[str, ...] = option((), "a file with one prompt per line (repeatable)")
+    num_images: int = option(4, "images per prompt")
+    seed: int = option(0, "image j of every prompt starts from the noise of seed + j")
+    scheduler: str = option("ddim", "sampler", choices=("ddim", "dpm"))
+    num_inference_steps: int = option(50, "denoising steps")
+    guidance_scale: float = option(3.0, "classifier-free guidance scale (1 disables)")
+    batch_size: int = option(64, "images denoised at once")
+
+    def __post_init__(self) -> None:
+        _require(self.model is not None, "model: required")
+        _require(self.num_images > 0, "num_images: must be positive")
+        _require(self.num_inference_steps > 0, "num_inference_steps: must be positive")
+        _require(self.batch_size > 0, "batch_size: must be positive")

@@ -1,0 +1,1 @@
+"""Benchmark data, image folders and text encoders."""

@@ -1,0 +1,46 @@
+"""The denoising objective shared by training, attacks and audits (Ho et al., 2020).
+
+`per_sample_loss` is l_i = mean((eps_theta(x_t, t, e) - eps)^2) for each sample i, with
+x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (or the v-prediction target where the scheduler
+asks for it). Defenses reweight these per-sample losses; attacks minimise them over embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler
+
+
+def per_sample_loss(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,  # (B, C, H, W) images in [-1, 1] or VAE latents
+    encoder_hidden_states: torch.Tensor,  # (B, L, d)
+    timesteps: torch.Tensor,  # (B,) integers in [0, T)
+    noise: torch.Tensor,  # (B, C, H, W) standard normal
+) -> torch.Tensor:
+    """Denoising loss of each sample, shape (B,)."""
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+@torch.no_grad()
+def to_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled VAE latents (the posterior mean, so training is deterministic)."""
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def from_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled VAE latents -> images in [-1, 1]."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = latents / vae.config.scaling_factor + shift
+    return vae.decode(latents.to(vae.dtype)).sample.float()

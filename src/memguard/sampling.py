@@ -1,0 +1,203 @@
+"""Sampling with classifier-free guidance (Ho & Salimans, 2022) and DDIM (Song et al., 2021) or
+DPM-Solver++ (Lu et al., 2022) steps, from a memguard model folder or a diffusers one.
+
+Image j of every prompt starts from the noise of `seed + j`, so the same seed gives the same
+images, and different prompts are compared from the same starting points. Generations are
+written as an image folder (PNG + `metadata.jsonl` with the prompt as `text`), which is what the
+audit reads, plus a grid for people.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from tqdm.auto import tqdm
+
+from memguard.data.text import CLIPEncoder, MiniLMEncoder, TextEncoder, load_text_encoder
+from memguard.diffusion import from_latents
+from memguard.models import noise_scheduler
+from memguard.train.checkpoint import METADATA_FILE
+
+
+@dataclass
+class DiffusionModel:
+    """What sampling needs: the UNet, its noise schedule, its text encoder and optional VAE."""
+
+    unet: UNet2DConditionModel
+    scheduler_config: dict
+    encoder: TextEncoder
+    vae: AutoencoderKL | None
+    metadata: dict
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+
+def load_model(model_dir: str | Path) -> DiffusionModel:
+    """Load a model folder: memguard's output, a diffusers pipeline folder, or a bare UNet folder.
+
+    A bare UNet folder without memguard.json is read with the MiniLM text encoder (it must have
+    cross_attention_dim 384) and its `scheduler_config.json` if present.
+    """
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--model: no such folder: {root}")
+    metadata_path = root / METADATA_FILE
+    if (root / "unet").is_dir():  # a diffusers pipeline folder
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+        scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
+        encoder: TextEncoder = CLIPEncoder(root)
+        metadata = {}
+    elif (root / "config.json").is_file():
+        unet = UNet2DConditionModel.from_pretrained(root)
+        metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+        if (root / "scheduler_config.json").is_file():
+            scheduler = DDPMScheduler.from_pretrained(root)
+        else:
+            scheduler = noise_scheduler(1000, "squaredcos_cap_v2")
+        if "text_encoder" in metadata:
+            encoder = load_text_encoder(metadata["text_encoder"])
+        elif unet.config.cross_attention_dim == MiniLMEncoder.hidden_size:
+            encoder = MiniLMEncoder()
+        else:
+            raise ValueError(
+                f"{root}: no {METADATA_FILE} says which text encoder the UNet was trained with"
+            )
+        vae = None
+        if metadata.get("vae"):
+            vae = AutoencoderKL.from_pretrained(metadata["vae"], subfolder="vae")
+    else:
+        raise FileNotFoundError(f"--model {root}: neither a UNet folder nor a pipeline folder")
+    unet.eval().requires_grad_(False)
+    if vae is not None:
+        vae.eval().requires_grad_(False)
+    return DiffusionModel(unet, dict(scheduler.config), encoder, vae, metadata)
+
+
+def make_sampler(name: str, scheduler_config: dict):
+    """A fresh sampling scheduler with the training noise schedule ('ddim' or 'dpm')."""
+    if name == "ddim":
+        return DDIMScheduler.from_config(scheduler_config, clip_sample=False)
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++")
+    raise ValueError(f"scheduler: unknown sampler {name!r} (ddim or dpm)")
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor:
+    """(count, *shape): image j starts from the noise of generator seed + j."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + j)) for j in range(count)]
+    )
+
+
+@torch.no_grad()
+def denoise(
+    model: DiffusionModel,
+    noise: torch.Tensor,  # (B, C, H, W)
+    cond: torch.Tensor,  # (B, L, d)
+    uncond: torch.Tensor,  # (L, d)
+    sampler: str = "ddim",
+    num_inference_steps: int = 50,
+    guidance_scale: float = 3.0,
+) -> torch.Tensor:
+    """Run the reverse process from `noise`; images in [0, 1], shape (B, 3, H', W')."""
+    device = next(model.unet.parameters()).device
+    schedule = make_sampler(sampler, model.scheduler_config)
+    schedule.set_timesteps(num_inference_steps)
+    x = noise.to(device) * schedule.init_noise_sigma
+    cond = cond.to(device)
+    guided = guidance_scale != 1.0
+    states = torch.cat([uncond.to(device).expand_as(cond), cond]) if guided else cond
+    for t in schedule.timesteps:
+        inputs = schedule.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        prediction = model.unet(inputs, t, encoder_hidden_states=states).sample
+        if guided:
+            unconditional, conditional = prediction.chunk(2)
+            prediction = unconditional + guidance_scale * (conditional - unconditional)
+        x = schedule.step(prediction, t, x).prev_sample
+    if model.vae is not None:
+        x = from_latents(model.vae, x)
+    return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def generate(
+    model: DiffusionModel,
+    prompts: list[str],
+    num_images: int,
+    seed: int,
+    sampler: str = "ddim",
+    num_inference_steps: int = 50,
+    guidance_scale: float = 3.0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Images (len(prompts) * num_images, 3, H, W) in [0, 1], prompt-major."""
+    cond = model.encoder.encode(prompts)
+    uncond = model.encoder.encode([""])[0]
+    noise = initial_noise(model.sample_shape, seed, num_images)
+    jobs = [(p, j) for p in range(len(prompts)) for j in range(num_images)]
+    images = []
+    for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="sample"):
+        chunk = jobs[start : start + batch_size]
+        images.append(
+            denoise(
+                model,
+                noise[[j for _, j in chunk]],
+                cond[[p for p, _ in chunk]],
+                uncond,
+                sampler,
+                num_inference_steps,
+                guidance_scale,
+            )
+        )
+    return torch.cat(images)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> PIL image."""
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def grid(images: torch.Tensor, columns: int, cell: int = 64) -> Image.Image:
+    """A grid of images, upscaled (nearest) so small ones are visible."""
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * (cell + 2), rows * (cell + 2)), (255, 255, 255))
+    for i, image in enumerate(images):
+        tile = to_pil(image).resize((cell, cell), Image.NEAREST)
+        sheet.paste(tile, ((i % columns) * (cell + 2) + 1, (i // columns) * (cell + 2) + 1))
+    return sheet
+
+
+def save_samples(
+    images: torch.Tensor, prompts: list[str], num_images: int, seed: int, output_dir: str | Path
+) -> Path:
+    """Write PNGs, `metadata.jsonl` (file_name, text, seed, image_index) and `grid.png`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, image in enumerate(images):
+        p, j = divmod(i, num_images)
+        file_name = f"{p:04d}_{j:02d}.png"
+        to_pil(image).save(output_dir / file_name)
+        rows.append({"file_name": file_name, "text": prompts[p], "seed": seed + j, "image_index": j})
+    partial = output_dir / "metadata.jsonl.partial"
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    partial.replace(output_dir / "metadata.jsonl")
+    grid(images, columns=num_images).save(output_dir / "grid.png")
+    return output_dir

@@ -1,0 +1,1 @@
+"""The training loop, its defense protocol and its checkpoints."""

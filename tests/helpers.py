@@ -1,0 +1,112 @@
+"""Test helpers: a tiny training config, and a tiny Stable Diffusion pipeline built from configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from memguard.config import TrainConfig
+
+
+def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
+    """A few steps of the tiny preset on 8 px images: seconds on a CPU."""
+    values = {
+        "train_data_dir": str(data_dir),
+        "output_dir": str(output_dir),
+        "model_preset": "tiny",
+        "resolution": 8,
+        "max_text_length": 8,
+        "train_batch_size": 8,
+        "max_train_steps": 6,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 2,
+        "checkpointing_steps": 1000,
+        "logging_steps": 2,
+        "seed": 0,
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _byte_characters() -> list[str]:
+    """The 256 printable stand-ins for bytes that byte-level BPE vocabularies use (GPT-2)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def _tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer with no merges: every character is a token."""
+    characters = _byte_characters()
+    vocab = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=[])
+
+
+def make_tiny_stable_diffusion(path: Path) -> Path:
+    """A Stable-Diffusion-shaped pipeline (UNet, VAE, CLIP) with random weights, saved to `path`."""
+    torch.manual_seed(0)
+    tokenizer = _tiny_clip_tokenizer()
+    tokenizer.model_max_length = 16
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path

@@ -1,0 +1,63 @@
+"""Nearest-neighbour search and the Gu et al. criterion against brute-force numpy references."""
+
+import numpy as np
+import pytest
+import torch
+
+from memguard.metrics.replication import gu_replication, nearest_neighbors
+
+
+def brute_force_knn(queries: np.ndarray, reference: np.ndarray, k: int):
+    distances = np.linalg.norm(queries[:, None, :] - reference[None, :, :], axis=2)
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, order, axis=1), order
+
+
+def brute_force_gu(generated: np.ndarray, train: np.ndarray, threshold: float):
+    distinct, first = np.unique(train, axis=0, return_index=True)
+    distinct = train[np.sort(first)]
+    d, _ = brute_force_knn(generated, distinct, 2)
+    return d[:, 0] / d[:, 1] < threshold, d[:, 0] / d[:, 1]
+
+
+@pytest.mark.parametrize("chunks", [(1024, 8192), (7, 13)])
+def test_knn_matches_brute_force(chunks: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    queries, reference = rng.normal(size=(50, 20)), rng.normal(size=(300, 20))
+    expected_d, expected_i = brute_force_knn(queries, reference, 5)
+    d, i = nearest_neighbors(
+        torch.from_numpy(queries), torch.from_numpy(reference), 5, *chunks
+    )
+    np.testing.assert_allclose(d.numpy(), expected_d, rtol=1e-6)
+    assert np.array_equal(i.numpy(), expected_i)
+
+
+def test_gu_matches_brute_force_with_duplicates() -> None:
+    rng = np.random.default_rng(1)
+    train = rng.uniform(size=(40, 12)).astype(np.float32)
+    train = np.concatenate([train, np.repeat(train[:3], 5, axis=0)])  # planted duplicates
+    generated = np.concatenate(
+        [train[:3] + rng.normal(scale=0.01, size=(3, 12)), rng.uniform(size=(20, 12))]
+    ).astype(np.float32)
+    result = gu_replication(
+        torch.from_numpy(generated), torch.from_numpy(train), reference_chunk=16
+    )
+    expected_flags, expected_ratio = brute_force_gu(generated, train, 1 / 3)
+    np.testing.assert_allclose(result.ratio.numpy(), expected_ratio, rtol=1e-5)
+    assert np.array_equal(result.is_replica.numpy(), expected_flags)
+    assert result.is_replica[:3].all()  # copies of duplicated images count despite d1 == d2 ties
+    assert result.nearest[:3].tolist() == [0, 1, 2]
+    assert result.groups[40:].tolist() == [0] * 5 + [1] * 5 + [2] * 5
+
+
+def test_exact_copy_is_a_replica_and_ties_are_not() -> None:
+    train = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0]])
+    generated = torch.tensor([[2.0, 0.0], [1.0, 0.0]])  # a copy; the midpoint of two images
+    result = gu_replication(generated, train)
+    assert result.is_replica.tolist() == [True, False]
+    assert result.ratio[1] == pytest.approx(1.0)
+
+
+def test_one_distinct_training_image_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at least two distinct"):
+        gu_replication(torch.zeros(2, 4), torch.ones(3, 4))
