@@ -56,7 +56,9 @@ def test_cli_reports_bad_values_without_traceback(capsys: pytest.CaptureFixture)
     assert "train_batch_size: expected an integer, got 'many'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["data", "shapes"], ["train"], ["sample"], ["replication"]])
+@pytest.mark.parametrize(
+    "command", [[], ["data", "shapes"], ["train"], ["sample"], ["replication"]]
+)
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*command, "--help"])

@@ -25,9 +25,7 @@ def test_knn_matches_brute_force(chunks: tuple[int, int]) -> None:
     rng = np.random.default_rng(0)
     queries, reference = rng.normal(size=(50, 20)), rng.normal(size=(300, 20))
     expected_d, expected_i = brute_force_knn(queries, reference, 5)
-    d, i = nearest_neighbors(
-        torch.from_numpy(queries), torch.from_numpy(reference), 5, *chunks
-    )
+    d, i = nearest_neighbors(torch.from_numpy(queries), torch.from_numpy(reference), 5, *chunks)
     np.testing.assert_allclose(d.numpy(), expected_d, rtol=1e-6)
     assert np.array_equal(i.numpy(), expected_i)
 

@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from conftest import SMALL_SHAPES
 from PIL import Image
 
+from conftest import SMALL_SHAPES
 from memguard.config import ShapesConfig
 from memguard.data.shapes import CONCEPT_SUFFIX, LOGO_COLORS, make_shapes_dataset
 

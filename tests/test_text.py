@@ -31,7 +31,9 @@ def test_each_caption_is_encoded_once_and_cached(tmp_path: Path) -> None:
     table = CaptionEmbeddings(encoder, captions, cache_dir=tmp_path)
     assert CountingEncoder.calls == 4  # a, b, c and the empty caption
     assert table.table.shape == (4, 8, 384)
-    torch.testing.assert_close(table.table[table.rows(["c"])][0], encoder.encode(["c"])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        table.table[table.rows(["c"])][0], encoder.encode(["c"])[0], atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(table.unconditional, encoder.encode([""])[0], atol=1e-5, rtol=1e-5)
     calls = CountingEncoder.calls
     cached = CaptionEmbeddings(encoder, captions, cache_dir=tmp_path)

@@ -99,7 +99,9 @@ def replication_summary(
             for k in ("duplicated", "ordinary", "unseen")
             if any(r["kind"] == k for r in generations)
         },
-        "prompts": [{"prompt": p, "kind": kind(p), **figures(rows)} for p, rows in by_prompt.items()],
+        "prompts": [
+            {"prompt": p, "kind": kind(p), **figures(rows)} for p, rows in by_prompt.items()
+        ],
         "most_replicated": [
             {"file_name": name, "caption": caption_of[name], "replicas": count}
             for name, count in hits.most_common(20)

@@ -84,14 +84,16 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from memguard.defenses import build_defenses
     from memguard.train.trainer import Trainer
 
     config = _config(TrainConfig, args)
-    result = Trainer(config).train()
+    result = Trainer(config, build_defenses(config)).train()
     per_second = result.steps_run / result.loop_seconds if result.loop_seconds else 0.0
     _print(
         f"trained {result.global_step} steps (this run: {result.steps_run} in "
-        f"{result.loop_seconds:.0f}s, {per_second:.2f} steps/s), final loss {result.final_loss:.4f}\n"
+        f"{result.loop_seconds:.0f}s, {per_second:.2f} steps/s), "
+        f"final loss {result.final_loss:.4f}\n"
         f"model: {result.output_dir} (diffusers UNet + memguard.json)"
     )
 

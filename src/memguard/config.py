@@ -38,9 +38,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in options:
-                return None
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_null and type(None) in options:
+            return None
         errors = []
         for option_type in options:
             if option_type is type(None):
@@ -121,7 +121,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
 
 
 def _require(condition: bool, message: str) -> None:
@@ -130,6 +132,8 @@ def _require(condition: bool, message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ configs
+
+DEFENSES = ("agc",)  # names accepted by --defense; memguard.defenses.build_defenses makes them
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,11 @@ class TrainConfig:
         "noise schedule of a from-scratch model",
         choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
     )
-    mixed_precision: str = option("no", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
+    defense: tuple[str, ...] = option((), "defense to attach (repeatable): agc")
+    agc_gamma: float = option(2.0, "AGC: keep a sample iff gamma * loss >= its timestep's bank")
+    mixed_precision: str = option(
+        "no", "accelerate mixed precision", choices=("no", "fp16", "bf16")
+    )
     seed: int = option(0, "seed for initialisation, data order, noise and dropout")
     checkpointing_steps: int = option(500, "save a resumable checkpoint every N steps")
     checkpoints_total_limit: int = option(2, "keep at most this many checkpoints")
@@ -201,6 +209,9 @@ class TrainConfig:
         _require(0.0 < self.ema_decay < 1.0, "ema_decay: must be in (0, 1)")
         _require(self.lora_rank >= 0, "lora_rank: must be >= 0")
         _require(self.checkpointing_steps > 0, "checkpointing_steps: must be positive")
+        unknown = sorted(set(self.defense) - set(DEFENSES))
+        _require(not unknown, f"defense: unknown {unknown} (known: {', '.join(DEFENSES)})")
+        _require(self.agc_gamma > 0, "agc_gamma: must be positive")
         _require(self.logging_steps > 0, "logging_steps: must be positive")
         _require(
             self.lora_rank == 0 or self.pretrained_model_name_or_path is not None,

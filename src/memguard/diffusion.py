@@ -32,7 +32,7 @@ def per_sample_loss(
 
 @torch.no_grad()
 def to_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled VAE latents (the posterior mean, so training is deterministic)."""
+    """Images in [-1, 1] -> scaled VAE latents (posterior mean, so training is deterministic)."""
     latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).float()

@@ -94,14 +94,19 @@ def make_sampler(name: str, scheduler_config: dict):
     if name == "ddim":
         return DDIMScheduler.from_config(scheduler_config, clip_sample=False)
     if name == "dpm":
-        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++")
+        return DPMSolverMultistepScheduler.from_config(
+            scheduler_config, algorithm_type="dpmsolver++"
+        )
     raise ValueError(f"scheduler: unknown sampler {name!r} (ddim or dpm)")
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor:
     """(count, *shape): image j starts from the noise of generator seed + j."""
     return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + j)) for j in range(count)]
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(seed + j))
+            for j in range(count)
+        ]
     )
 
 
@@ -195,7 +200,9 @@ def save_samples(
         p, j = divmod(i, num_images)
         file_name = f"{p:04d}_{j:02d}.png"
         to_pil(image).save(output_dir / file_name)
-        rows.append({"file_name": file_name, "text": prompts[p], "seed": seed + j, "image_index": j})
+        rows.append(
+            {"file_name": file_name, "text": prompts[p], "seed": seed + j, "image_index": j}
+        )
     partial = output_dir / "metadata.jsonl.partial"
     partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
     partial.replace(output_dir / "metadata.jsonl")

@@ -207,7 +207,9 @@ def make_shapes_dataset(config: ShapesConfig) -> Path:
     train = [train[i] for i in rng["layout"].permutation(len(train))]
 
     _write_folder(root / "train", train)
-    _write_folder(root / "test", [ordinary_row(rng["test"], size, False) for _ in range(config.num_test)])
+    _write_folder(
+        root / "test", [ordinary_row(rng["test"], size, False) for _ in range(config.num_test)]
+    )
     _write_folder(
         root / "concept_exemplars",
         [ordinary_row(rng["exemplars"], size, True) for _ in range(config.num_exemplars)],

@@ -7,7 +7,8 @@ own. Every hook of the base class is a no-op, so a defense overrides only what i
     setup(model, optimizer, ctx)             once, before the first step (subspaces, banks, ...)
     sample_weights(per_sample_loss, batch, ctx) -> (B,) weights or None
                                              mask / reweight samples (AGC, Wen et al. threshold);
-                                             backward always runs, so DDP ranks stay in step
+                                             backward always runs, so DDP ranks stay in step;
+                                             None vs weights must be the same on every process
     after_backward(model, ctx)               after the gradient all-reduce (gradient projection)
     after_step(model, ctx)                   after optimizer.step() (update re-projection)
     state_dict() / load_state_dict(state)    everything a resume needs
@@ -40,6 +41,12 @@ class TrainingContext:
     @property
     def world_size(self) -> int:
         return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Concatenation over processes in rank order (itself on one process)."""
+        if self.world_size == 1:
+            return value
+        return self.accelerator.gather(value.contiguous())
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of a tensor over all processes (itself on one process)."""

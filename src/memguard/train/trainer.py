@@ -1,11 +1,11 @@
 """The training loop: text-conditional denoising (DDPM) on accelerate, with the defense hooks.
 
 One loop serves a from-scratch preset UNet on pixels and a local Stable Diffusion UNet on VAE
-latents (full or LoRA). Its randomness is a pure function of (seed, micro-step): the order of
-samples, the noise, the timesteps and the caption dropout (for classifier-free guidance, Ho &
-Salimans 2022) are drawn for the GLOBAL batch and each process takes its slice. Hence a killed
-run resumed from a checkpoint, and the same run on N processes, give the same weights as one
-uninterrupted single process on the same global batch.
+latents (full or LoRA). Its randomness is a pure function of (seed, step): the order of samples,
+the noise, the timesteps and the caption dropout (for classifier-free guidance, Ho & Salimans
+2022) are drawn for the whole effective batch and each process and micro-batch takes its slice.
+Hence a killed run resumed from a checkpoint, the same run on N processes, and the same run
+with gradient accumulation give the weights of one uninterrupted process on the same batch.
 
 Per step: per-sample losses -> defenses' sample weights -> global weighted mean -> backward
 (gradient all-reduce) -> `after_backward` hooks -> clipping -> optimizer step -> `after_step`
@@ -15,6 +15,7 @@ hooks -> EMA. See `memguard.train.hooks` for the protocol.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -53,10 +54,29 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, say); checkpoints already written are intact."""
 
 
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The generator of one micro-step, independent of process count and of resumption."""
-    state = np.random.SeedSequence([seed, micro_step]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+class StepDraws:
+    """The random draws of one optimizer step, for its whole effective batch.
+
+    Drawn from a generator seeded by (seed, step) alone, for processes x accumulation x batch
+    samples; each micro-batch of each process takes its slice. So the draws do not depend on
+    the number of processes, on gradient accumulation, or on where a run was resumed.
+    """
+
+    def __init__(self, seed: int, step: int, size: int, scheduler, config: TrainConfig) -> None:
+        state = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
+        self._generator = torch.Generator().manual_seed(int(state >> np.uint64(1)))
+        self.size = size
+        num_timesteps = scheduler.config.num_train_timesteps
+        self.timesteps = torch.randint(0, num_timesteps, (size,), generator=self._generator)
+        self.dropped = torch.rand(size, generator=self._generator) < config.caption_dropout
+        self.flipped = torch.rand(size, generator=self._generator) < 0.5
+        self._noise: torch.Tensor | None = None
+
+    def noise(self, shape: torch.Size) -> torch.Tensor:
+        """Standard normal noise (size, *shape), drawn on first use (latent shapes vary)."""
+        if self._noise is None:
+            self._noise = torch.randn((self.size, *shape), generator=self._generator)
+        return self._noise
 
 
 class GlobalBatchSampler(Sampler):
@@ -120,6 +140,15 @@ class TrainResult:
     steps_run: int
 
 
+def _cpu_data_parallel() -> bool:
+    """Several processes and no GPU: data parallelism on CPUs (gloo).
+
+    `accelerate launch --multi_gpu --num_processes N` (torchrun underneath) starts the processes;
+    accelerate then needs `cpu=True` to use gloo instead of looking for GPUs.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def versions() -> dict[str, str]:
     import accelerate
     import diffusers
@@ -177,6 +206,7 @@ class Trainer:
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            cpu=_cpu_data_parallel(),
         )
         main = accelerator.is_main_process
         output_dir = Path(cfg.output_dir)
@@ -232,13 +262,10 @@ class Trainer:
         rank, world = accelerator.process_index, accelerator.num_processes
         local_batch = cfg.train_batch_size
         global_batch = local_batch * world
-        share = slice(rank * local_batch, (rank + 1) * local_batch)
         sampler = GlobalBatchSampler(
             len(dataset), local_batch, rank, world, cfg.seed, start=counter.value * accum
         )
-        loader = DataLoader(
-            dataset, batch_sampler=sampler, num_workers=cfg.dataloader_num_workers
-        )
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.dataloader_num_workers)
         uncond = embeddings.unconditional_row
         log = open(output_dir / LOG_FILE, "a") if main else None  # noqa: SIM115
         progress = tqdm(
@@ -256,23 +283,22 @@ class Trainer:
         batches = iter(loader)
         while counter.value < cfg.max_train_steps:
             batch = next(batches)
-            generator = step_generator(cfg.seed, micro_step)
-            timesteps = torch.randint(
-                0, scheduler.config.num_train_timesteps, (global_batch,), generator=generator
-            )[share]
-            dropped = (torch.rand(global_batch, generator=generator) < cfg.caption_dropout)[share]
-            flipped = (torch.rand(global_batch, generator=generator) < 0.5)[share]
+            micro = micro_step % accum
+            if micro == 0:
+                draws = StepDraws(cfg.seed, counter.value, global_batch * accum, scheduler, cfg)
+            first = micro * global_batch + rank * local_batch
+            share = slice(first, first + local_batch)
             rows = embeddings.rows(batch["caption"])
-            rows = torch.where(dropped, torch.full_like(rows, uncond), rows)
+            rows = torch.where(draws.dropped[share], torch.full_like(rows, uncond), rows)
             x0 = batch["pixel_values"]
             if cfg.random_flip:
-                x0 = torch.where(flipped[:, None, None, None], x0.flip(-1), x0)
+                x0 = torch.where(draws.flipped[share, None, None, None], x0.flip(-1), x0)
             x0 = x0.to(accelerator.device)
             if vae is not None:
                 x0 = to_latents(vae, x0)
-            noise = torch.randn((global_batch, *x0.shape[1:]), generator=generator)[share]
+            noise = draws.noise(x0.shape[1:])[share].to(accelerator.device)
+            timesteps = draws.timesteps[share].to(accelerator.device)
             states = embeddings.table[rows].to(accelerator.device)
-            timesteps, noise = timesteps.to(accelerator.device), noise.to(accelerator.device)
 
             with accelerator.accumulate(unet):
                 losses = per_sample_loss(unet, scheduler, x0, states, timesteps, noise)
@@ -331,9 +357,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{last_loss:.4f}")
                 window, log_start = [], now
             if counter.value % cfg.checkpointing_steps == 0:
-                save_checkpoint(
-                    accelerator, output_dir, counter.value, cfg.checkpoints_total_limit
-                )
+                save_checkpoint(accelerator, output_dir, counter.value, cfg.checkpoints_total_limit)
         loop_seconds = time.perf_counter() - loop_start
         progress.close()
         if log is not None:

@@ -1,0 +1,89 @@
+"""Anti-gradient control (AGC): skip samples whose loss is abnormally low, as memorized samples'
+is (IET-AGC, Liu et al., ECCV 2024, arXiv 2407.15328; extended in IET-AGC+, arXiv 2502.09434).
+
+A memory bank B[t] holds a running loss per diffusion timestep, initialised to 0. For a batch
+with timesteps t_i, sample i is kept iff gamma * l_i >= B[t_i] (nothing is skipped while an
+entry is 0); the loss is the mean over kept samples; then every sample, kept or not, updates
+B[t_i] <- 0.8 B[t_i] + 0.2 l_i, in batch order. Skipped samples are masked, never removed, so
+backward still runs on every process.
+
+Under data parallelism every process gathers the global batch's losses and timesteps, so the
+banks, the masks and the skip counts are the same on every process. Skip counts per training
+sample are kept for memory-sample redistribution (IET-AGC+).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memguard.train.hooks import Defense, TrainingContext
+
+
+class AntiGradientControl(Defense):
+    """Mask samples with gamma * loss below the running loss of their timestep.
+
+    gamma: 2.0 for pixel-space DDPM, 1.25 for Stable Diffusion (the papers' settings);
+    `float("inf")` keeps every sample (strength zero). momentum: the bank's decay (0.8).
+    """
+
+    name = "agc"
+
+    def __init__(
+        self, gamma: float = 2.0, momentum: float = 0.8, num_timesteps: int | None = None
+    ) -> None:
+        if gamma <= 0:
+            raise ValueError(f"gamma: must be positive, got {gamma}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {momentum}")
+        self.gamma, self.momentum, self.num_timesteps = gamma, momentum, num_timesteps
+        self.bank = torch.zeros(num_timesteps or 0, dtype=torch.float64)
+        self.skip_counts: dict[int, int] = {}
+        self.seen = self.skipped = 0
+
+    def setup(self, model, optimizer, ctx: TrainingContext) -> None:
+        if self.num_timesteps is None:
+            self.num_timesteps = ctx.config.num_train_timesteps
+            self.bank = torch.zeros(self.num_timesteps, dtype=torch.float64)
+
+    def sample_weights(
+        self, per_sample_loss: torch.Tensor, batch: dict, ctx: TrainingContext
+    ) -> torch.Tensor | None:
+        losses = ctx.gather(per_sample_loss.detach().double()).cpu()
+        timesteps = ctx.gather(batch["timesteps"]).cpu()
+        keep = self.gamma * losses >= self.bank[timesteps]  # before this batch's update
+        for loss, t in zip(losses.tolist(), timesteps.tolist(), strict=True):
+            self.bank[t] = self.momentum * self.bank[t] + (1.0 - self.momentum) * loss
+        self.seen += len(keep)
+        self.skipped += int((~keep).sum())
+        if "indices" in batch:
+            indices = ctx.gather(torch.as_tensor(batch["indices"]).to(losses.device)).cpu()
+            for index in indices[~keep].tolist():
+                self.skip_counts[index] = self.skip_counts.get(index, 0) + 1
+        if keep.all():
+            return None  # decided on the global batch, so the same on every process
+        rank = ctx.accelerator.process_index if ctx.world_size > 1 else 0
+        mine = keep.view(ctx.world_size, -1)[rank]
+        return mine.to(per_sample_loss.dtype)
+
+    def state_dict(self) -> dict:
+        return {
+            "bank": self.bank.clone(),
+            "skip_counts": dict(self.skip_counts),
+            "seen": self.seen,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank = state["bank"].clone()
+        self.skip_counts = dict(state["skip_counts"])
+        self.seen, self.skipped = state["seen"], state["skipped"]
+
+    def report(self) -> dict:
+        most = sorted(self.skip_counts.items(), key=lambda kv: -kv[1])[:20]
+        return {
+            "gamma": self.gamma,
+            "samples_seen": self.seen,
+            "samples_skipped": self.skipped,
+            "skip_rate": self.skipped / self.seen if self.seen else 0.0,
+            "most_skipped": [{"index": i, "skips": n} for i, n in most],
+        }

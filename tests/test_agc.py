@@ -1,0 +1,93 @@
+"""Anti-gradient control: the rule of METHODS.md section 2, strength zero, masking and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from memguard import Trainer
+from memguard.config import TrainConfig
+from memguard.defenses import AntiGradientControl, build_defenses
+from memguard.train.hooks import TrainingContext, weighted_mean
+from test_trainer import assert_same_weights
+
+
+def reference_agc(batches, gamma: float, num_timesteps: int):
+    """The rule written out sample by sample: masks per batch and the final bank."""
+    bank = [0.0] * num_timesteps
+    masks = []
+    for losses, timesteps in batches:
+        masks.append([gamma * x >= bank[t] for x, t in zip(losses, timesteps, strict=True)])
+        for x, t in zip(losses, timesteps, strict=True):
+            bank[t] = 0.8 * bank[t] + 0.2 * x
+    return masks, bank
+
+
+def test_masks_and_bank_follow_the_rule() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.rand(16, generator=generator).tolist(), torch.randint(0, 5, (16,)).tolist())
+        for _ in range(20)
+    ]
+    agc = AntiGradientControl(gamma=1.25, num_timesteps=5)
+    ctx = TrainingContext(accelerator=None, config=None)
+    masks = []
+    for losses, timesteps in batches:
+        batch = {"timesteps": torch.tensor(timesteps), "indices": torch.arange(16)}
+        weights = agc.sample_weights(torch.tensor(losses), batch, ctx)
+        masks.append([True] * 16 if weights is None else (weights > 0).tolist())
+    expected_masks, expected_bank = reference_agc(batches, 1.25, 5)
+    assert masks == expected_masks
+    torch.testing.assert_close(agc.bank, torch.tensor(expected_bank, dtype=torch.float64))
+    skipped = sum(not keep for mask in masks for keep in mask)
+    assert skipped > 0 and agc.report()["samples_skipped"] == skipped
+
+
+def test_masked_samples_leave_the_loss() -> None:
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ctx = TrainingContext(accelerator=None, config=None)
+    assert weighted_mean(losses, torch.tensor([1.0, 0.0, 1.0, 0.0]), ctx) == 2.0
+    assert weighted_mean(losses, torch.zeros(4), ctx) == 0.0  # all skipped: no gradient, no NaN
+
+
+def test_strength_zero_equals_plain_training(shapes_dir: Path, tmp_path: Path) -> None:
+    Trainer(tiny_config(shapes_dir / "train", tmp_path / "plain")).train()
+    keep_all = AntiGradientControl(gamma=float("inf"))
+    Trainer(tiny_config(shapes_dir / "train", tmp_path / "agc"), [keep_all]).train()
+    assert_same_weights(tmp_path / "plain", tmp_path / "agc")
+    assert keep_all.report()["samples_skipped"] == 0
+
+
+def test_skipping_changes_training_and_resumes_exactly(shapes_dir: Path, tmp_path: Path) -> None:
+    steps = {"max_train_steps": 8, "checkpointing_steps": 4, "num_train_timesteps": 10}
+    Trainer(tiny_config(shapes_dir / "train", tmp_path / "plain", **steps)).train()
+    full = AntiGradientControl(gamma=1.0)
+    Trainer(tiny_config(shapes_dir / "train", tmp_path / "full", **steps), [full]).train()
+    assert full.report()["samples_skipped"] > 0
+    with pytest.raises(AssertionError):
+        assert_same_weights(tmp_path / "plain", tmp_path / "full")
+
+    split = tiny_config(shapes_dir / "train", tmp_path / "split", **steps)
+    Trainer(split, [AntiGradientControl(gamma=1.0)]).train()
+    (tmp_path / "split" / "diffusion_pytorch_model.safetensors").unlink()
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "checkpoint-8")
+    resumed_agc = AntiGradientControl(gamma=1.0)
+    resumed = tiny_config(
+        shapes_dir / "train", tmp_path / "split", resume_from_checkpoint="latest", **steps
+    )
+    Trainer(resumed, [resumed_agc]).train()
+    assert_same_weights(tmp_path / "full", tmp_path / "split")
+    assert resumed_agc.report() == full.report()
+    report = json.loads((tmp_path / "full" / "memguard.json").read_text())["defenses"]["agc"]
+    assert report == json.loads(json.dumps(full.report()))
+
+
+def test_cli_builds_named_defenses() -> None:
+    config = TrainConfig(train_data_dir="d", defense=("agc",), agc_gamma=1.25)
+    (agc,) = build_defenses(config)
+    assert isinstance(agc, AntiGradientControl) and agc.gamma == 1.25
