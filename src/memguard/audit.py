@@ -2,9 +2,11 @@
 
 `replication_summary` compares an image folder of generations (as `memguard sample` writes it:
 the prompt in `text`) with the training folder, by the Gu et al. criterion in pixel space, and
-sorts prompts by what the training set says about them, with no ground-truth column needed:
+sorts prompts into three kinds:
 
-- duplicated: a training caption at least one of whose images occurs more than once;
+- duplicated: a caption of a planted duplicate when the training folder has a
+  `duplicate_group` column (the benchmark's ground truth); otherwise a training caption at least
+  one of whose images occurs more than once;
 - ordinary: any other training caption;
 - unseen: not a training caption.
 
@@ -49,12 +51,20 @@ def replication_summary(
     for caption, group in zip(train.captions, result.groups.tolist(), strict=True):
         groups_of_caption[caption].add(group)
     group_size = Counter(result.groups.tolist())
+    planted = train.column("duplicate_group")
+    if any(g is not None for g in planted):
+        duplicated = {
+            c for c, g in zip(train.captions, planted, strict=True) if g is not None and g >= 0
+        }
+    else:
+        duplicated = {
+            c for c, gs in groups_of_caption.items() if any(group_size[g] > 1 for g in gs)
+        }
 
     def kind(prompt: str) -> str:
         if prompt not in groups_of_caption:
             return "unseen"
-        repeated = any(group_size[g] > 1 for g in groups_of_caption[prompt])
-        return "duplicated" if repeated else "ordinary"
+        return "duplicated" if prompt in duplicated else "ordinary"
 
     generations = []
     for i, prompt in enumerate(samples.captions):

@@ -257,7 +257,9 @@ class SampleConfig:
     prompt_file: tuple[str, ...] = option((), "a file with one prompt per line (repeatable)")
     num_images: int = option(4, "images per prompt")
     seed: int = option(0, "image j of every prompt starts from the noise of seed + j")
-    scheduler: str = option("ddim", "sampler", choices=("ddim", "dpm"))
+    scheduler: str = option(
+        "dpm", "sampler: DPM-Solver++ (dpm) or DDIM (ddim)", choices=("dpm", "ddim")
+    )
     num_inference_steps: int = option(50, "denoising steps")
     guidance_scale: float = option(3.0, "classifier-free guidance scale (1 disables)")
     batch_size: int = option(64, "images denoised at once")

@@ -116,7 +116,7 @@ def denoise(
     noise: torch.Tensor,  # (B, C, H, W)
     cond: torch.Tensor,  # (B, L, d)
     uncond: torch.Tensor,  # (L, d)
-    sampler: str = "ddim",
+    sampler: str = "dpm",
     num_inference_steps: int = 50,
     guidance_scale: float = 3.0,
 ) -> torch.Tensor:
@@ -145,7 +145,7 @@ def generate(
     prompts: list[str],
     num_images: int,
     seed: int,
-    sampler: str = "ddim",
+    sampler: str = "dpm",
     num_inference_steps: int = 50,
     guidance_scale: float = 3.0,
     batch_size: int = 64,
