@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from memguard.metrics.replication import gu_replication, nearest_neighbors
+from memguard.metrics.replication import (
+    fractions_below,
+    gu_replication,
+    mq_ratio,
+    nearest_cosine,
+    nearest_neighbors,
+    similarity_summary,
+)
 
 
 def brute_force_knn(queries: np.ndarray, reference: np.ndarray, k: int):
@@ -59,3 +66,40 @@ def test_exact_copy_is_a_replica_and_ties_are_not() -> None:
 def test_one_distinct_training_image_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least two distinct"):
         gu_replication(torch.zeros(2, 4), torch.ones(3, 4))
+
+
+def test_mq_ratio_matches_brute_force() -> None:
+    rng = np.random.default_rng(2)
+    train = rng.normal(size=(60, 8))
+    train = np.concatenate([train, train[:5]])  # duplicates are merged before ranking
+    generated = np.concatenate([train[:3] + 0.01, rng.normal(size=(10, 8))])
+    distinct = train[:60]
+    d, _ = brute_force_knn(generated, distinct, 50)
+    expected = d[:, 0] / d.mean(axis=1)
+    result = mq_ratio(torch.from_numpy(generated), torch.from_numpy(train), reference_chunk=7)
+    np.testing.assert_allclose(result.numpy(), expected, rtol=1e-6)
+    fractions = fractions_below(result)
+    assert fractions["0.15"] == pytest.approx(np.mean(expected < 0.15))
+    assert list(fractions) == ["0.15", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
+
+
+def test_mq_caps_k_at_the_number_of_distinct_images() -> None:
+    train = torch.tensor([[0.0], [1.0], [3.0]])
+    ratio = mq_ratio(torch.tensor([[0.0]]), train, k=50)
+    assert ratio.item() == 0.0  # d = (0, 1, 3): d1 / mean = 0
+
+
+def test_nearest_cosine_matches_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    generated, train = rng.normal(size=(30, 16)), rng.normal(size=(200, 16))
+    cosine = (generated / np.linalg.norm(generated, axis=1, keepdims=True)) @ (
+        train / np.linalg.norm(train, axis=1, keepdims=True)
+    ).T
+    similarity, index = nearest_cosine(
+        torch.from_numpy(generated), torch.from_numpy(train), reference_chunk=50
+    )
+    np.testing.assert_allclose(similarity.numpy(), cosine.max(axis=1), atol=1e-9)
+    assert np.array_equal(index.numpy(), cosine.argmax(axis=1))
+    summary = similarity_summary(similarity)
+    assert summary["p95"] == pytest.approx(np.percentile(cosine.max(axis=1), 95))
+    assert summary["above_0.5"] == pytest.approx(np.mean(cosine.max(axis=1) > 0.5))

@@ -10,6 +10,7 @@ audit reads, plus a grid for people.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,8 +120,13 @@ def denoise(
     sampler: str = "dpm",
     num_inference_steps: int = 50,
     guidance_scale: float = 3.0,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Run the reverse process from `noise`; images in [0, 1], shape (B, 3, H', W')."""
+    """Run the reverse process from `noise`; images in [0, 1], shape (B, 3, H', W').
+
+    `on_step(i, unconditional, conditional)` sees both noise predictions of step i (guided
+    sampling only); memorization detection reads them there.
+    """
     device = next(model.unet.parameters()).device
     schedule = make_sampler(sampler, model.scheduler_config)
     schedule.set_timesteps(num_inference_steps)
@@ -128,11 +134,13 @@ def denoise(
     cond = cond.to(device)
     guided = guidance_scale != 1.0
     states = torch.cat([uncond.to(device).expand_as(cond), cond]) if guided else cond
-    for t in schedule.timesteps:
+    for i, t in enumerate(schedule.timesteps):
         inputs = schedule.scale_model_input(torch.cat([x, x]) if guided else x, t)
         prediction = model.unet(inputs, t, encoder_hidden_states=states).sample
         if guided:
             unconditional, conditional = prediction.chunk(2)
+            if on_step is not None:
+                on_step(i, unconditional, conditional)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
         x = schedule.step(prediction, t, x).prev_sample
     if model.vae is not None:

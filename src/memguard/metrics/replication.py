@@ -106,3 +106,45 @@ def gu_replication(
         d1=d1,
         d2=d2,
     )
+
+
+# --------------------------------------------------------------------- IET's MQ and features
+
+MQ_THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def mq_ratio(generated: torch.Tensor, train: torch.Tensor, k: int = 50, **search) -> torch.Tensor:
+    """IET's memorization ratio d1 / mean(d1..dk) per generation, over distinct training images
+    (k is capped at their number). Low values: one training image is far nearer than the rest."""
+    representatives, _ = distinct_rows(train)
+    k = min(k, len(representatives))
+    distances, _ = nearest_neighbors(generated, train[representatives], k=k, **search)
+    return distances[:, 0] / distances.mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def fractions_below(values: torch.Tensor, thresholds=MQ_THRESHOLDS) -> dict[str, float]:
+    """{threshold: fraction of values strictly below it}."""
+    return {f"{t:g}": float((values < t).double().mean()) for t in thresholds}
+
+
+def nearest_cosine(
+    generated: torch.Tensor, train: torch.Tensor, **search
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity (n,) of each generation's descriptor to its most similar training
+    descriptor, and that training row (n,). Exact: on unit vectors the nearest in L2 is the most
+    similar in cosine, and cos = 1 - d^2 / 2."""
+    unit_generated = torch.nn.functional.normalize(generated.double(), dim=1)
+    unit_train = torch.nn.functional.normalize(train.double(), dim=1)
+    distances, indices = nearest_neighbors(unit_generated, unit_train, k=1, **search)
+    return 1.0 - distances[:, 0] ** 2 / 2.0, indices[:, 0]
+
+
+def similarity_summary(similarity: torch.Tensor) -> dict[str, float]:
+    """Somepalli et al.'s figures: mean, 95th percentile, fraction above 0.5 and above 0.7."""
+    values = similarity.double()
+    return {
+        "mean": float(values.mean()),
+        "p95": float(torch.quantile(values, 0.95)),
+        "above_0.5": float((values > 0.5).double().mean()),
+        "above_0.7": float((values > 0.7).double().mean()),
+    }

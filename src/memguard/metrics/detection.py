@@ -1,0 +1,90 @@
+"""Prompt-level memorization detection (Wen et al., "Detecting, Explaining, and Mitigating
+Memorization in Diffusion Models", ICLR 2024), and the ROC figures that score it.
+
+For a prompt p, d(p) = mean over sampling steps t of ||eps(x_t, t, E(p)) - eps(x_t, t, E(""))||,
+the magnitude of the text-conditional part of the noise prediction along the (guided) sampling
+trajectory, averaged over a few seeds. Memorized prompts pull the trajectory hard toward their
+training image, so d is large. `steps` limits the average to the first k steps (Wen et al. find
+the first step alone already separates well).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from memguard.sampling import DiffusionModel, denoise, initial_noise
+
+
+@torch.no_grad()
+def text_conditional_magnitude(
+    model: DiffusionModel,
+    prompts: list[str],
+    seeds: int = 4,
+    num_inference_steps: int = 50,
+    steps: int | None = None,
+    guidance_scale: float = 3.0,
+    sampler: str = "dpm",
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """d(p) for each prompt, shape (P,): averaged over `seeds` starts and the first `steps`."""
+    if guidance_scale == 1.0:
+        raise ValueError("detection needs guided sampling (guidance_scale != 1)")
+    cond = model.encoder.encode(prompts)
+    uncond = model.encoder.encode([""])[0]
+    noise = initial_noise(model.sample_shape, 0, seeds)
+    jobs = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
+    totals = torch.zeros(len(prompts), dtype=torch.float64)
+    counted = steps if steps is not None else num_inference_steps
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        rows = torch.tensor([p for p, _ in chunk])
+        sums = torch.zeros(len(chunk), dtype=torch.float64)
+
+        def record(i: int, unconditional, conditional, sums: torch.Tensor = sums) -> None:
+            if i < counted:
+                difference = (conditional - unconditional).flatten(1).double().norm(dim=1)
+                sums.add_(difference.cpu())
+
+        denoise(
+            model,
+            noise[[s for _, s in chunk]],
+            cond[rows],
+            uncond,
+            sampler,
+            num_inference_steps,
+            guidance_scale,
+            on_step=record,
+        )
+        totals.index_add_(0, rows, sums / counted)
+    return totals / seeds
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (positives should score high); ties count one half.
+
+    The Mann-Whitney form: the probability that a random positive outscores a random negative.
+    """
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    positives, negatives = scores[labels], scores[~labels]
+    if len(positives) == 0 or len(negatives) == 0:
+        raise ValueError("ROC AUC needs at least one positive and one negative")
+    greater = (positives[:, None] > negatives[None, :]).sum()
+    ties = (positives[:, None] == negatives[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(positives) * len(negatives)))
+
+
+def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, max_fpr: float = 0.01) -> float:
+    """The highest true-positive rate of any threshold whose false-positive rate <= max_fpr.
+
+    Thresholds are the distinct scores (predict positive when score >= threshold), as in
+    scikit-learn's roc_curve.
+    """
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    best = 0.0
+    for threshold in np.unique(scores):
+        predicted = scores >= threshold
+        fpr = (predicted & ~labels).sum() / max(1, (~labels).sum())
+        if fpr <= max_fpr:
+            best = max(best, (predicted & labels).sum() / max(1, labels.sum()))
+    return float(best)

@@ -1,0 +1,59 @@
+"""Wen et al. detection: d(p) as defined, and ROC figures against scikit-learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from helpers import tiny_config
+from memguard import Trainer
+from memguard.metrics.detection import roc_auc, text_conditional_magnitude, tpr_at_fpr
+from memguard.sampling import load_model, make_sampler
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_figures_match_scikit_learn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.uniform(size=300) < 0.3
+    scores = np.round(rng.normal(size=300) + labels, 1)  # rounding makes ties
+    assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+    fpr, tpr, _ = roc_curve(labels, scores)
+    for limit in (0.0, 0.01, 0.1, 0.5):
+        assert tpr_at_fpr(scores, labels, limit) == pytest.approx(tpr[fpr <= limit].max())
+
+
+def test_perfect_and_tied_scores() -> None:
+    assert roc_auc([3.0, 2.0, 1.0], [True, False, False]) == 1.0
+    assert roc_auc([1.0, 1.0], [True, False]) == 0.5
+    assert tpr_at_fpr([3.0, 2.0, 1.0], [True, True, False], 0.0) == 1.0
+    with pytest.raises(ValueError, match="one positive and one negative"):
+        roc_auc([1.0], [True])
+
+
+def test_magnitude_is_the_mean_norm_along_the_trajectory(shapes_dir: Path, tmp_path) -> None:
+    Trainer(tiny_config(shapes_dir / "train", tmp_path)).train()
+    model = load_model(tmp_path)
+    prompts = ["a red circle on a gray background", "a painting called x"]
+    scores = text_conditional_magnitude(model, prompts, seeds=2, num_inference_steps=3)
+    # the definition, written out for prompt 1, seed 1, all steps, with DPM-Solver++
+    schedule = make_sampler("dpm", model.scheduler_config)
+    schedule.set_timesteps(3)
+    x = torch.randn(model.sample_shape, generator=torch.Generator().manual_seed(1))[None]
+    x = x * schedule.init_noise_sigma
+    cond, uncond = model.encoder.encode(prompts[1:]), model.encoder.encode([""])
+    norms = []
+    for t in schedule.timesteps:
+        e_c = model.unet(schedule.scale_model_input(x, t), t, encoder_hidden_states=cond).sample
+        e_u = model.unet(schedule.scale_model_input(x, t), t, encoder_hidden_states=uncond).sample
+        norms.append((e_c - e_u).flatten().double().norm())
+        x = schedule.step(e_u + 3.0 * (e_c - e_u), t, x).prev_sample
+    one_seed = text_conditional_magnitude(model, prompts[1:], seeds=2, num_inference_steps=3)
+    assert scores[1] == pytest.approx(one_seed[0].item(), rel=1e-6)
+    seed0 = text_conditional_magnitude(model, prompts[1:], seeds=1, num_inference_steps=3)
+    assert 2 * one_seed[0] - seed0[0] == pytest.approx(torch.stack(norms).mean().item(), rel=1e-4)
+    first = text_conditional_magnitude(model, prompts[1:], seeds=2, num_inference_steps=3, steps=1)
+    assert first.shape == (1,) and first[0] > 0
