@@ -1,0 +1,226 @@
+"""The benchmark's judge: models that score generated shapes images against known ground truth.
+
+One small CNN is trained on freshly generated, labelled images from the benchmark's own renderer
+(its own seed, never the training folder's images) with four heads: shape, colour and
+background (the attribute classifier), and the acme logo (the concept detector); its pooled
+penultimate layer is the feature extractor for FID/KID and feature similarity on the benchmark.
+Half the images carry the logo, a fifth are multi-shape scenes like the planted duplicates
+(concept label only), and training adds pixel noise so that slightly noisy generations are
+judged like clean renders. Held-out accuracy of every head is measured on a separate generated
+set. The trained judge is cached under the memguard cache, named by a hash of its spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from memguard.config import ShapesConfig
+from memguard.data.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    duplicate_rows,
+    ordinary_row,
+    stamp_logo,
+)
+from memguard.data.text import default_cache_dir
+
+HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": tuple(BACKGROUNDS)}
+ACCURACY_WARNING = 0.95
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """Everything the judge is a function of; its hash names the cached weights."""
+
+    image_size: int = 16
+    num_train: int = 8000
+    num_heldout: int = 2000
+    steps: int = 1500
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    noise_std: float = 0.04  # augmentation, in [0, 1] pixel units
+    width: int = 32
+    seed: int = 1234
+    version: int = 1  # bump when the renderer or the network changes
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+class JudgeNet(nn.Module):
+    """Three conv stages, global average pooling, and one linear head per question."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+
+        def stage(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+
+        self.body = nn.Sequential(
+            *stage(3, width, 1),
+            *stage(width, 2 * width, 2),
+            *stage(2 * width, 4 * width, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.num_features = 4 * width
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(self.num_features, len(values)) for name, values in HEADS.items()}
+        )
+        self.concept = nn.Linear(self.num_features, 1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, num_features) for images (B, 3, H, W) in [0, 1]."""
+        return self.body(images * 2.0 - 1.0)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.features(images)
+        logits = {name: head(features) for name, head in self.heads.items()}
+        logits["concept"] = self.concept(features).squeeze(-1)
+        return logits
+
+
+class FeatureExtractor(nn.Module):
+    """The judge's features as a module of its own (what torchmetrics' FID/KID take)."""
+
+    def __init__(self, net: JudgeNet) -> None:
+        super().__init__()
+        self.net = net
+        self.num_features = net.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.features(images.float())
+
+
+def judge_data(spec: JudgeSpec, count: int, stream: int) -> tuple[torch.Tensor, dict]:
+    """`count` labelled renders: images (N, 3, H, W) in [0, 1] and labels (-1: not applicable)."""
+    rng = np.random.default_rng([spec.seed, stream])
+    scenes = duplicate_rows(
+        ShapesConfig(
+            image_size=spec.image_size,
+            num_duplicate_groups=count // 5,
+            min_copies=1,
+            max_copies=1,
+        ),
+        rng,
+    )
+    rows = [ordinary_row(rng, spec.image_size, bool(rng.uniform() < 0.5)) for _ in range(count)]
+    rows[: len(scenes)] = scenes
+    carries = rng.uniform(size=len(scenes)) < 0.5
+    images, labels = [], {name: [] for name in [*HEADS, "concept"]}
+    for i, row in enumerate(rows):
+        image, concept = row.image, row.has_concept
+        if i < len(scenes) and carries[i]:
+            image, concept = stamp_logo(image), True
+        images.append(np.array(image))
+        for name, values in HEADS.items():
+            value = getattr(row, name)
+            labels[name].append(values.index(value) if value is not None else -1)
+        labels["concept"].append(float(concept))
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return pixels, {name: torch.tensor(values) for name, values in labels.items()}
+
+
+def _loss(logits: dict, labels: dict) -> torch.Tensor:
+    ce = nn.functional.cross_entropy
+    loss = sum(ce(logits[name], labels[name], ignore_index=-1) for name in HEADS)
+    return loss + nn.functional.binary_cross_entropy_with_logits(
+        logits["concept"], labels["concept"].float()
+    )
+
+
+@torch.no_grad()
+def accuracies(net: JudgeNet, images: torch.Tensor, labels: dict) -> dict[str, float]:
+    """Accuracy of every head on labelled images (rows labelled -1 are skipped)."""
+    net.eval()
+    logits = net(images)
+    result = {}
+    for name in HEADS:
+        known = labels[name] >= 0
+        hits = logits[name].argmax(-1)[known] == labels[name][known]
+        result[name] = float(hits.float().mean())
+    result["concept"] = float(((logits["concept"] > 0) == labels["concept"].bool()).float().mean())
+    return result
+
+
+def train_judge(spec: JudgeSpec) -> tuple[JudgeNet, dict[str, float]]:
+    """Train a judge from scratch; returns it and its held-out accuracies."""
+    images, labels = judge_data(spec, spec.num_train, stream=1)
+    heldout_images, heldout_labels = judge_data(spec, spec.num_heldout, stream=2)
+    generator = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    net = JudgeNet(spec.width)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=spec.learning_rate)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, spec.learning_rate, spec.steps)
+    net.train()
+    for _ in range(spec.steps):
+        index = torch.randint(0, len(images), (spec.batch_size,), generator=generator)
+        batch = images[index]
+        noisy = batch + spec.noise_std * torch.randn(batch.shape, generator=generator)
+        loss = _loss(net(noisy.clamp(0, 1)), {k: v[index] for k, v in labels.items()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    net.eval().requires_grad_(False)
+    return net, accuracies(net, heldout_images, heldout_labels)
+
+
+@dataclass
+class Judge:
+    """A trained judge and its held-out accuracies."""
+
+    net: JudgeNet
+    heldout_accuracy: dict[str, float]
+    spec: JudgeSpec
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, list]:
+        """Per image: 'shape', 'color', 'background' names and 'concept' (bool)."""
+        logits = self.net(images.float())
+        result = {
+            name: [values[i] for i in logits[name].argmax(-1).tolist()]
+            for name, values in HEADS.items()
+        }
+        result["concept"] = (logits["concept"] > 0).tolist()
+        return result
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.features(images.float())
+
+    def warnings(self) -> list[str]:
+        return [
+            f"judge head '{name}' has held-out accuracy {value:.1%} < {ACCURACY_WARNING:.0%}: "
+            "its figures are not trustworthy"
+            for name, value in self.heldout_accuracy.items()
+            if value < ACCURACY_WARNING
+        ]
+
+
+def load_judge(spec: JudgeSpec | None = None, cache_dir: str | Path | None = None) -> Judge:
+    """The judge for `spec`: from the cache when trained before, else trained and cached."""
+    spec = spec or JudgeSpec()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache_dir / "judges" / f"{spec.key()}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        net = JudgeNet(spec.width)
+        net.load_state_dict(saved["state_dict"])
+        net.eval().requires_grad_(False)
+        return Judge(net, saved["heldout_accuracy"], spec)
+    net, heldout = train_judge(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    torch.save({"state_dict": net.state_dict(), "heldout_accuracy": heldout}, partial)
+    os.replace(partial, path)
+    return Judge(net, heldout, spec)

@@ -1,0 +1,91 @@
+"""Quality beside memorization, so that no defense wins by breaking the model: FID (Heusel et
+al., 2017) and KID (Binkowski et al., 2018) through torchmetrics, on a pluggable feature
+extractor: the judge's features on the benchmark, or Inception-v3 from a local weights file for
+real data (nothing is downloaded); and attribute accuracy of generations on the benchmark.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+_ORDINARY_CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background")
+
+
+def inception_extractor(weights_path: str | Path) -> nn.Module:
+    """torchmetrics' FID Inception-v3 (2048-d pool features) from a local weights file."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--inception_weights: no such file: {path}")
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    return NoTrainInceptionV3(
+        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
+    )
+
+
+@torch.no_grad()
+def fid_kid(
+    real: torch.Tensor,  # (N, 3, H, W) in [0, 1]
+    generated: torch.Tensor,  # (M, 3, H, W) in [0, 1]
+    extractor: nn.Module,
+    kid_subset_size: int = 100,
+    kid_subsets: int = 50,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """FID and KID (mean, std over random subsets) of `generated` against `real`."""
+    subset = min(kid_subset_size, len(real), len(generated))
+    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
+    kid = KernelInceptionDistance(
+        feature=extractor, normalize=True, subsets=kid_subsets, subset_size=subset
+    )
+    for images, is_real in ((real, True), (generated, False)):
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].float()
+            fid.update(batch, real=is_real)
+            kid.update(batch, real=is_real)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # KID's subsets
+        kid_mean, kid_std = kid.compute()
+    return {
+        "fid": float(fid.compute()),
+        "kid_mean": float(kid_mean),
+        "kid_std": float(kid_std),
+        "kid_subset_size": subset,
+        "num_real": len(real),
+        "num_generated": len(generated),
+    }
+
+
+def caption_attributes(caption: str) -> dict[str, str] | None:
+    """{'color', 'shape', 'background'} named by a benchmark caption, or None."""
+    match = _ORDINARY_CAPTION.match(caption)
+    if match is None:
+        return None
+    color, shape, background = match.groups()
+    return {"color": color, "shape": shape, "background": background}
+
+
+def attribute_accuracy(prompts: list[str], predicted: dict[str, list]) -> dict[str, float | int]:
+    """Fraction of generations whose judged shape / colour / background (and all three) match
+    their prompt's; prompts that name no attributes are left out."""
+    hits: dict[str, list[bool]] = {"shape": [], "color": [], "background": [], "all": []}
+    for i, prompt in enumerate(prompts):
+        asked = caption_attributes(prompt)
+        if asked is None:
+            continue
+        matches = [predicted[name][i] == value for name, value in asked.items()]
+        for name, match in zip(asked, matches, strict=True):
+            hits[name].append(match)
+        hits["all"].append(all(matches))
+    result: dict[str, float | int] = {
+        name: sum(values) / len(values) for name, values in hits.items() if values
+    }
+    result["generations"] = len(hits["all"])
+    return result
