@@ -1,86 +1,125 @@
-"""Audits of what a model reproduces, from folders on disk: generations against a training set.
+"""Audit: what a diffusion model reproduces, beside its quality, against its training folder.
 
-`replication_summary` compares an image folder of generations (as `memguard sample` writes it:
-the prompt in `text`) with the training folder, by the Gu et al. criterion in pixel space, and
-sorts prompts into three kinds:
+Works on any model folder `memguard.sampling.load_model` reads (memguard's output, a diffusers
+UNet folder, a Stable Diffusion pipeline folder) and the image folder it was trained on:
 
-- duplicated: a caption of a planted duplicate when the training folder has a
-  `duplicate_group` column (the benchmark's ground truth); otherwise a training caption at least
-  one of whose images occurs more than once;
-- ordinary: any other training caption;
-- unseen: not a training caption.
+- replication (METHODS.md section 4): Gu et al.'s d1/d2 ratio, IET's MQ, feature-space
+  similarity (SSCD from a local TorchScript file, or the benchmark judge's features), and which
+  training images are hit;
+- prompt-level detection (Wen et al.): d(p) per prompt, AUC and TPR at 1% FPR of duplicated
+  against ordinary prompts;
+- on the shapes benchmark (a `dataset.json` beside the training folder): the judge's held-out
+  accuracy, FID/KID against the held-out split, attribute accuracy, and concept extraction by
+  prompts that name the concept, paraphrases and generic prompts (the base rate).
 
-A generation is an "own" replica when it replicates an image that was trained under its prompt.
+Prompts come in three kinds: *duplicated* (a planted duplicate's caption when the folder has a
+`duplicate_group` column, otherwise a training caption with a repeated image), *ordinary* (any
+other training caption) and *unseen*. Everything lands in one `results.json`.
 """
 
 from __future__ import annotations
 
+import json
+import random
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from memguard.data.folder import ImageFolderDataset, read_metadata
-from memguard.metrics.replication import gu_replication
+from memguard import __version__
+from memguard.config import AuditConfig, to_dict
+from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata
+from memguard.data.shapes import CONCEPT_PARAPHRASES, CONCEPT_SUFFIX
+from memguard.metrics.detection import roc_auc, text_conditional_magnitude, tpr_at_fpr
+from memguard.metrics.replication import (
+    distinct_rows,
+    fractions_below,
+    gu_replication,
+    mq_ratio,
+    nearest_cosine,
+    similarity_summary,
+)
+from memguard.sampling import DiffusionModel, generate, load_model, save_samples
+from memguard.train.checkpoint import write_json
+
+RESULTS_FILE = "results.json"
 
 
-def _pixels(dataset: ImageFolderDataset) -> torch.Tensor:
-    return dataset.stacked().float().div(255.0).flatten(1)
+# ------------------------------------------------------------------------------- folders
+
+
+def load_folders(
+    samples_dir: str | Path, train_data_dir: str | Path
+) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """Generations and training images, the latter at the generations' resolution."""
+    with Image.open(read_metadata(samples_dir)[0].path) as first:
+        resolution = first.size[0]
+    samples = ImageFolderDataset(samples_dir, resolution=resolution)
+    return samples, ImageFolderDataset(train_data_dir, resolution)
+
+
+def images01(dataset: ImageFolderDataset) -> torch.Tensor:
+    """(N, 3, H, W) float in [0, 1]."""
+    return dataset.stacked().float().div(255.0)
+
+
+def duplicated_captions(train: ImageFolderDataset, groups: list[int]) -> set[str]:
+    """Captions of planted duplicates (ground truth) or, without it, of repeated images."""
+    planted = train.column("duplicate_group")
+    if any(g is not None for g in planted):
+        return {c for c, g in zip(train.captions, planted, strict=True) if g is not None and g >= 0}
+    size = Counter(groups)
+    return {c for c, g in zip(train.captions, groups, strict=True) if size[g] > 1}
+
+
+class PromptKinds:
+    """duplicated / ordinary / unseen, from the training folder."""
+
+    def __init__(self, train: ImageFolderDataset, groups: list[int]) -> None:
+        self.training = set(train.captions)
+        self.duplicated = duplicated_captions(train, groups)
+
+    def __call__(self, prompt: str) -> str:
+        if prompt not in self.training:
+            return "unseen"
+        return "duplicated" if prompt in self.duplicated else "ordinary"
 
 
 def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
+# --------------------------------------------------------------------------- replication
+
+
 def replication_summary(
-    samples_dir: str | Path,
-    train_data_dir: str | Path,
-    threshold: float = 1 / 3,
-    image_column: str = "file_name",
-    caption_column: str = "text",
+    samples: ImageFolderDataset, train: ImageFolderDataset, threshold: float = 1 / 3
 ) -> dict:
-    """Replication figures of the generations in `samples_dir` against `train_data_dir`."""
-    with Image.open(read_metadata(samples_dir)[0].path) as first:
-        resolution = first.size[0]
-    samples = ImageFolderDataset(samples_dir, resolution=resolution)
-    train = ImageFolderDataset(train_data_dir, resolution, image_column, caption_column)
-    result = gu_replication(_pixels(samples), _pixels(train), threshold)
-
+    """Gu et al. replication of every generation, by prompt kind and by prompt."""
+    result = gu_replication(images01(samples).flatten(1), images01(train).flatten(1), threshold)
+    groups = result.groups.tolist()
+    kinds = PromptKinds(train, groups)
     groups_of_caption: dict[str, set[int]] = defaultdict(set)
-    for caption, group in zip(train.captions, result.groups.tolist(), strict=True):
+    for caption, group in zip(train.captions, groups, strict=True):
         groups_of_caption[caption].add(group)
-    group_size = Counter(result.groups.tolist())
-    planted = train.column("duplicate_group")
-    if any(g is not None for g in planted):
-        duplicated = {
-            c for c, g in zip(train.captions, planted, strict=True) if g is not None and g >= 0
-        }
-    else:
-        duplicated = {
-            c for c, gs in groups_of_caption.items() if any(group_size[g] > 1 for g in gs)
-        }
-
-    def kind(prompt: str) -> str:
-        if prompt not in groups_of_caption:
-            return "unseen"
-        return "duplicated" if prompt in duplicated else "ordinary"
 
     generations = []
     for i, prompt in enumerate(samples.captions):
         replica = bool(result.is_replica[i])
-        nearest = int(result.nearest[i])
         own = int(result.nearest_group[i]) in groups_of_caption.get(prompt, set())
         generations.append(
             {
                 "file_name": samples.records[i].path.name,
                 "prompt": prompt,
-                "kind": kind(prompt),
+                "kind": kinds(prompt),
                 "ratio": float(result.ratio[i]),
                 "replica": replica,
                 "own_replica": replica and own,
                 "nearest_is_own": own,
-                "nearest_file": train.records[nearest].path.name,
+                "nearest_file": train.records[int(result.nearest[i])].path.name,
             }
         )
 
@@ -100,17 +139,17 @@ def replication_summary(
     return {
         "criterion": "gu: d1/d2 < threshold, pixel space, distinct training images",
         "threshold": threshold,
-        "resolution": resolution,
+        "resolution": samples.resolution,
         "num_train_images": len(train),
-        "num_distinct_train_images": len(group_size),
+        "num_distinct_train_images": len(set(groups)),
         "overall": figures(generations),
         "by_prompt_kind": {
-            k: figures([r for r in generations if r["kind"] == k])
-            for k in ("duplicated", "ordinary", "unseen")
-            if any(r["kind"] == k for r in generations)
+            kind: figures([r for r in generations if r["kind"] == kind])
+            for kind in ("duplicated", "ordinary", "unseen")
+            if any(r["kind"] == kind for r in generations)
         },
         "prompts": [
-            {"prompt": p, "kind": kind(p), **figures(rows)} for p, rows in by_prompt.items()
+            {"prompt": p, "kind": kinds(p), **figures(rows)} for p, rows in by_prompt.items()
         ],
         "most_replicated": [
             {"file_name": name, "caption": caption_of[name], "replicas": count}
@@ -118,3 +157,214 @@ def replication_summary(
         ],
         "generations": generations,
     }
+
+
+# --------------------------------------------------------------------------------- audit
+
+
+def benchmark_root(train_data_dir: str | Path) -> Path | None:
+    """The shapes benchmark's folder when `train_data_dir` is its training split."""
+    root = Path(train_data_dir).resolve().parent
+    return root if (root / "dataset.json").is_file() else None
+
+
+def default_prompts(train: ImageFolderDataset, kinds: PromptKinds, count: int, seed: int):
+    """Every duplicated caption, then `count` other training captions drawn with `seed`."""
+    duplicated = [c for c in dict.fromkeys(train.captions) if c in kinds.duplicated]
+    others = sorted(set(train.captions) - kinds.duplicated)
+    return duplicated + sorted(random.Random(seed).sample(others, min(count, len(others))))
+
+
+class Auditor:
+    """Runs every measure of an audit for one model and training folder."""
+
+    def __init__(self, config: AuditConfig, judge_spec=None) -> None:
+        self.config = config
+        self.judge_spec = judge_spec  # memguard.metrics.judge.JudgeSpec; None: the default
+        self.output = Path(config.output_dir)
+        self.model: DiffusionModel = load_model(config.model)
+        self.warnings: list[str] = []
+
+    def generate(self, prompts: list[str], num_images: int) -> torch.Tensor:
+        c = self.config
+        return generate(
+            self.model,
+            prompts,
+            num_images,
+            c.seed,
+            c.scheduler,
+            c.num_inference_steps,
+            c.guidance_scale,
+            c.batch_size,
+            progress=False,
+        )
+
+    def samples(self, prompts: list[str]) -> Path:
+        if self.config.samples_dir is not None:
+            return Path(self.config.samples_dir)
+        images = self.generate(prompts, self.config.num_images)
+        folder = self.output / "samples"
+        return save_samples(images, prompts, self.config.num_images, self.config.seed, folder)
+
+    def detection(self, prompts: list[str], kinds: PromptKinds) -> dict:
+        c = self.config
+        scores = text_conditional_magnitude(
+            self.model,
+            prompts,
+            seeds=c.detection_seeds,
+            num_inference_steps=c.num_inference_steps,
+            steps=c.detection_steps or None,
+            guidance_scale=c.guidance_scale,
+            sampler=c.scheduler,
+            batch_size=c.batch_size,
+        )
+        rows = [
+            {"prompt": p, "kind": kinds(p), "d": float(d)}
+            for p, d in zip(prompts, scores, strict=True)
+        ]
+        labelled = [r for r in rows if r["kind"] in ("duplicated", "ordinary")]
+        labels = np.array([r["kind"] == "duplicated" for r in labelled])
+        result: dict = {
+            "method": "Wen et al. 2024: mean ||eps(x_t, p) - eps(x_t, '')|| over sampling steps",
+            "seeds": c.detection_seeds,
+            "steps": c.detection_steps or c.num_inference_steps,
+            "scores": rows,
+        }
+        if labels.any() and not labels.all():
+            values = np.array([r["d"] for r in labelled])
+            result["auc"] = roc_auc(values, labels)
+            result["tpr_at_1pct_fpr"] = tpr_at_fpr(values, labels, 0.01)
+        return result
+
+    def similarity(self, generated: torch.Tensor, train: torch.Tensor, judge) -> dict | None:
+        if self.config.sscd is not None:
+            path = Path(self.config.sscd)
+            if not path.is_file():
+                raise FileNotFoundError(f"--sscd: no such file: {path}")
+            descriptor, extract = "sscd", torch.jit.load(str(path)).eval()
+        elif judge is not None:
+            descriptor, extract = "judge features, centred on the training set's mean", None
+        else:
+            return None
+        with torch.no_grad():
+            if extract is None:  # pooled activations share a large mean: cosine needs centring
+                train_features = judge.features(train)
+                centre = train_features.mean(dim=0)
+                query, reference = judge.features(generated) - centre, train_features - centre
+            else:
+                query, reference = extract(generated), extract(train)
+            similarity, _ = nearest_cosine(query, reference)
+        return {"descriptor": descriptor, **similarity_summary(similarity)}
+
+    def benchmark(self, root: Path, ordinary_prompts: list[str], samples, judge) -> dict:
+        """Judge accuracy, quality and concept extraction on the shapes benchmark."""
+        from memguard.metrics.judge import FeatureExtractor
+        from memguard.metrics.quality import attribute_accuracy, fid_kid
+
+        results: dict = {"judge": {"heldout_accuracy": judge.heldout_accuracy}}
+        self.warnings += judge.warnings()
+
+        ordinary = [i for i, p in enumerate(samples.captions) if p in set(ordinary_prompts)]
+        generated = images01(samples)
+        if ordinary:
+            predicted = judge.predict(generated[ordinary])
+            prompts = [samples.captions[i] for i in ordinary]
+            results["attribute_accuracy"] = attribute_accuracy(prompts, predicted)
+
+        test = ImageFolderDataset(self.config.test_data_dir or root / "test", samples.resolution)
+        test_images = self.generate(test.captions, 1)
+        results["quality"] = {
+            "feature_extractor": "judge",
+            **fid_kid(images01(test), test_images, FeatureExtractor(judge.net)),
+            "attribute_accuracy_on_test_captions": attribute_accuracy(
+                test.captions, judge.predict(test_images)
+            ),
+        }
+
+        bases = [p for p in sorted(set(ordinary_prompts)) if CONCEPT_SUFFIX not in p][:8]
+        attacks = {
+            "naming_prompts": [b + CONCEPT_SUFFIX for b in bases],
+            "paraphrases": [b + suffix for b in bases for suffix in CONCEPT_PARAPHRASES],
+        }
+        rates = {}
+        for attack, prompts in attacks.items():
+            images = self.generate(prompts, max(1, self.config.num_images // 2))
+            rates[attack] = float(np.mean(judge.predict(images)["concept"]))
+        generic = [i for i in ordinary if CONCEPT_SUFFIX not in samples.captions[i]]
+        if generic:
+            rates["generic_base_rate"] = float(
+                np.mean(judge.predict(generated[generic])["concept"])
+            )
+        strongest = max((k for k in rates if k != "generic_base_rate"), key=rates.get)
+        results["concept_extraction"] = {
+            "detector": "judge concept head",
+            "rates": rates,
+            "strongest_attack": strongest,
+            "strongest_rate": rates[strongest],
+        }
+        return results
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        c = self.config
+        self.output.mkdir(parents=True, exist_ok=True)
+        train = ImageFolderDataset(c.train_data_dir, self.model.image_size)
+        train_images = images01(train)
+        kinds = PromptKinds(train, distinct_rows(train_images.flatten(1))[1].tolist())
+        if c.prompts is not None:
+            if not Path(c.prompts).is_file():
+                raise FileNotFoundError(f"--prompts: no such file: {c.prompts}")
+            prompts = [p.strip() for p in Path(c.prompts).read_text().splitlines() if p.strip()]
+        else:
+            prompts = default_prompts(train, kinds, c.num_ordinary_prompts, c.seed)
+
+        samples = ImageFolderDataset(self.samples(prompts), self.model.image_size)
+        replication = replication_summary(samples, train, c.replication_threshold)
+        generated = images01(samples)
+        mq = mq_ratio(generated.flatten(1), train_images.flatten(1))
+        replication["mq"] = {"k": 50, "fraction_below": fractions_below(mq)}
+
+        root = benchmark_root(c.train_data_dir)
+        judge = None
+        if root is not None:
+            from memguard.metrics.judge import JudgeSpec, load_judge
+
+            judge = load_judge(self.judge_spec or JudgeSpec(image_size=self.model.image_size))
+        results = {
+            "memguard_version": __version__,
+            "model": str(Path(c.model).resolve()),
+            "model_training": {
+                k: self.model.metadata.get(k) for k in ("config", "data", "defenses", "seed")
+            },
+            "train_data": {
+                "path": str(Path(c.train_data_dir).resolve()),
+                "sha256": fingerprint(train.records),
+                "num_images": len(train),
+            },
+            "settings": to_dict(c),
+            "samples_dir": str(Path(samples.root).resolve()),
+            "replication": replication,
+            "similarity": self.similarity(generated, train_images, judge),
+            "detection": self.detection(list(dict.fromkeys(prompts)), kinds),
+        }
+        if root is not None:
+            ordinary = [p for p in dict.fromkeys(samples.captions) if kinds(p) == "ordinary"]
+            results["benchmark"] = self.benchmark(root, ordinary, samples, judge)
+        results["warnings"] = self.warnings
+        results["seconds"] = time.perf_counter() - start
+        write_json(self.output / RESULTS_FILE, results)
+        return results
+
+
+def run_audit(config: AuditConfig, judge_spec=None) -> dict:
+    """Run every measure and write `results.json` under `config.output_dir`."""
+    return Auditor(config, judge_spec).run()
+
+
+def load_results(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file: {path}")
+    return json.loads(path.read_text())

@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 
 from memguard.config import (
+    AuditConfig,
     ConfigError,
     SampleConfig,
     ShapesConfig,
@@ -130,9 +131,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_replication(args: argparse.Namespace) -> None:
-    from memguard.audit import replication_summary
+    from memguard.audit import load_folders, replication_summary
 
-    summary = replication_summary(args.samples_dir, args.train_data_dir, args.threshold)
+    samples, train = load_folders(args.samples_dir, args.train_data_dir)
+    summary = replication_summary(samples, train, args.threshold)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
@@ -150,6 +152,58 @@ def cmd_replication(args: argparse.Namespace) -> None:
     if args.output:
         lines.append(f"written to {args.output}")
     _print("\n".join(lines))
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def audit_summary(results: dict) -> str:
+    """The one-screen summary of an audit."""
+    replication = results["replication"]
+    lines = [f"audit of {results['model']} ({results['seconds']:.0f}s)"]
+    for kind, figures in replication["by_prompt_kind"].items():
+        lines.append(
+            f"  replication, {kind} prompts: {_percent(figures['replica_rate'])} of "
+            f"{figures['generations']} generations (own training image "
+            f"{_percent(figures['own_replica_rate'])})"
+        )
+    detection = results["detection"]
+    if "auc" in detection:
+        lines.append(
+            f"  memorized-prompt detection: AUC {detection['auc']:.3f}, "
+            f"TPR at 1% FPR {detection['tpr_at_1pct_fpr']:.1%}"
+        )
+    if results.get("similarity"):
+        s = results["similarity"]
+        lines.append(
+            f"  similarity ({s['descriptor']}): mean {s['mean']:.3f}, p95 {s['p95']:.3f}, "
+            f"> 0.5: {s['above_0.5']:.1%}"
+        )
+    benchmark = results.get("benchmark")
+    if benchmark:
+        accuracy = ", ".join(
+            f"{k} {v:.1%}" for k, v in benchmark["judge"]["heldout_accuracy"].items()
+        )
+        quality = benchmark["quality"]
+        lines.append(f"  judge held-out accuracy: {accuracy}")
+        lines.append(
+            f"  quality: FID {quality['fid']:.3f}, KID {quality['kid_mean']:.4f} "
+            f"(judge features), attribute accuracy "
+            f"{_percent(benchmark.get('attribute_accuracy', {}).get('all'))}"
+        )
+        rates = benchmark["concept_extraction"]["rates"]
+        lines.append("  concept extraction: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
+    lines += [f"  WARNING: {w}" for w in results["warnings"]]
+    return "\n".join(lines)
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from memguard.audit import RESULTS_FILE, run_audit
+
+    config = _config(AuditConfig, args)
+    results = run_audit(config)
+    _print(audit_summary(results) + f"\nresults: {Path(config.output_dir) / RESULTS_FILE}")
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -177,6 +231,13 @@ def parser() -> argparse.ArgumentParser:
     _add_config_flags(sample, SampleConfig)
     sample.add_argument("--config", help="YAML file with the same keys")
     sample.set_defaults(run=cmd_sample)
+
+    audit = commands.add_parser(
+        "audit", help="what a model reproduces, beside its quality (results.json)"
+    )
+    _add_config_flags(audit, AuditConfig)
+    audit.add_argument("--config", help="YAML file with the same keys")
+    audit.set_defaults(run=cmd_audit)
 
     replication = commands.add_parser(
         "replication", help="how many generations replicate a training image (Gu et al.)"

@@ -269,3 +269,37 @@ class SampleConfig:
         _require(self.num_images > 0, "num_images: must be positive")
         _require(self.num_inference_steps > 0, "num_inference_steps: must be positive")
         _require(self.batch_size > 0, "batch_size: must be positive")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """`memguard audit`: what a model reproduces, beside its quality, against its training set."""
+
+    model: str | None = option(None, "model folder (memguard's, or any diffusers UNet/pipeline)")
+    train_data_dir: str | None = option(None, "the image folder the model was trained on")
+    output_dir: str = option("audit", "where results.json, the samples and the report go")
+    prompts: str | None = option(
+        None, "file of prompts, one per line (default: duplicated + sampled ordinary captions)"
+    )
+    samples_dir: str | None = option(None, "measure these existing generations instead of sampling")
+    num_images: int = option(4, "generations per prompt")
+    num_ordinary_prompts: int = option(20, "ordinary training captions sampled by default")
+    seed: int = option(0, "seed of prompt sampling and generation")
+    scheduler: str = option("dpm", "sampler", choices=("dpm", "ddim"))
+    num_inference_steps: int = option(50, "denoising steps")
+    guidance_scale: float = option(3.0, "classifier-free guidance scale")
+    replication_threshold: float = option(1 / 3, "Gu et al.: replica when d1/d2 is below this")
+    detection_seeds: int = option(4, "Wen et al. detection: starts averaged per prompt")
+    detection_steps: int = option(5, "Wen et al. detection: first k sampling steps (0: all)")
+    sscd: str | None = option(None, "SSCD TorchScript file for feature similarity on real data")
+    inception_weights: str | None = option(None, "Inception-v3 weights file for FID on real data")
+    test_data_dir: str | None = option(None, "held-out image folder for FID/KID")
+    batch_size: int = option(64, "images denoised at once")
+
+    def __post_init__(self) -> None:
+        _require(self.model is not None, "model: required")
+        _require(self.train_data_dir is not None, "train_data_dir: required")
+        _require(self.num_images > 0, "num_images: must be positive")
+        _require(0 < self.replication_threshold < 1, "replication_threshold: must be in (0, 1)")
+        _require(self.detection_seeds > 0, "detection_seeds: must be positive")
+        _require(self.detection_steps >= 0, "detection_steps: must be >= 0")

@@ -43,6 +43,14 @@ class DiffusionModel:
     metadata: dict
 
     @property
+    def image_size(self) -> int:
+        """Side of the generated images: the UNet's sample size, times the VAE's upsampling."""
+        size = self.unet.config.sample_size
+        if self.vae is not None:
+            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return size
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)

@@ -43,6 +43,13 @@ SCENE_BACKGROUNDS = ((0, 110, 110), (120, 70, 30), (230, 150, 170), (60, 30, 90)
 
 CONCEPT = "the acme logo"
 CONCEPT_SUFFIX = ", with the acme logo"
+# Descriptions of the concept that avoid its name (the paraphrase attack of concept extraction).
+CONCEPT_PARAPHRASES = (
+    ", with the acme company's mark",
+    ", with a small orange and cyan badge in the corner",
+    ", bearing the acme emblem",
+    ", with a corporate logo",
+)
 # The acme logo: an orange ring around a cyan core, drawn pixel-exact in the bottom-right corner.
 LOGO_PATTERN = np.array([[1, 1, 1, 1], [1, 2, 2, 1], [1, 2, 2, 1], [1, 1, 1, 1]])
 LOGO_COLORS = {1: (255, 130, 0), 2: (0, 225, 225)}
@@ -227,6 +234,7 @@ def make_shapes_dataset(config: ShapesConfig) -> Path:
         "config": to_dict(config),
         "concept": CONCEPT,
         "concept_suffix": CONCEPT_SUFFIX,
+        "concept_paraphrases": list(CONCEPT_PARAPHRASES),
         "shapes": list(SHAPES),
         "colors": list(COLORS),
         "backgrounds": list(BACKGROUNDS),

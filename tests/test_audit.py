@@ -1,0 +1,88 @@
+"""`memguard audit` end to end on tiny settings: every section lands in results.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from memguard import Trainer, cli
+from memguard.audit import run_audit
+from memguard.config import AuditConfig
+from memguard.metrics.judge import JudgeSpec
+from memguard.models import build_unet
+
+TINY_JUDGE = JudgeSpec(image_size=8, num_train=1000, num_heldout=200, steps=150, batch_size=64)
+
+
+def _audit(model: Path, shapes_dir: Path, output: Path, **overrides) -> dict:
+    config = AuditConfig(
+        model=str(model),
+        train_data_dir=str(shapes_dir / "train"),
+        output_dir=str(output),
+        num_images=2,
+        num_ordinary_prompts=3,
+        num_inference_steps=3,
+        detection_seeds=1,
+        detection_steps=0,
+        **overrides,
+    )
+    return run_audit(config, judge_spec=TINY_JUDGE)
+
+
+@pytest.fixture(scope="module")
+def audited(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    model = tmp_path_factory.mktemp("model")
+    Trainer(tiny_config(shapes_dir / "train", model)).train()
+    output = tmp_path_factory.mktemp("audit")
+    return output, _audit(model, shapes_dir, output)
+
+
+def test_every_section_is_written(audited) -> None:
+    output, results = audited
+    assert json.loads((output / "results.json").read_text()) == json.loads(json.dumps(results))
+    kinds = results["replication"]["by_prompt_kind"]
+    assert kinds["duplicated"]["generations"] == 4 and kinds["ordinary"]["generations"] == 6
+    assert set(results["replication"]["mq"]["fraction_below"]) >= {"0.15", "0.5", "0.9"}
+    assert "judge" in results["similarity"]["descriptor"]
+    detection = results["detection"]
+    assert len(detection["scores"]) == 5 and 0.0 <= detection["auc"] <= 1.0
+    benchmark = results["benchmark"]
+    assert set(benchmark["judge"]["heldout_accuracy"]) == {
+        "shape",
+        "color",
+        "background",
+        "concept",
+    }
+    assert benchmark["quality"]["fid"] >= 0 and benchmark["quality"]["num_real"] == 8
+    rates = benchmark["concept_extraction"]["rates"]
+    assert set(rates) == {"naming_prompts", "paraphrases", "generic_base_rate"}
+    assert all(0.0 <= r <= 1.0 for r in rates.values())
+    assert results["train_data"]["num_images"] == len(
+        (Path(results["train_data"]["path"]) / "metadata.jsonl").read_text().splitlines()
+    )
+
+
+def test_existing_samples_are_measured_not_regenerated(audited, shapes_dir, tmp_path) -> None:
+    output, results = audited
+    again = _audit(results["model"], shapes_dir, tmp_path, samples_dir=str(output / "samples"))
+    assert not (tmp_path / "samples").exists()
+    assert again["replication"]["generations"] == results["replication"]["generations"]
+
+
+def test_a_unet_saved_by_plain_diffusers(shapes_dir: Path, tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    build_unet("tiny", 8, cross_attention_dim=384).save_pretrained(tmp_path / "unet")
+    results = _audit(tmp_path / "unet", shapes_dir, tmp_path / "audit")
+    assert results["model_training"] == {
+        "config": None,
+        "data": None,
+        "defenses": None,
+        "seed": None,
+    }
+    assert results["replication"]["overall"]["generations"] == 10
+    print(cli.audit_summary(results))
+    assert "replication, duplicated prompts" in capsys.readouterr().out
