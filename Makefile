@@ -23,12 +23,8 @@ demo: install
 	$(BIN)/memguard data shapes --output_dir $(DEMO_DIR)/data --seed 0
 	$(BIN)/memguard train --config configs/benchmark.yaml \
 		--train_data_dir $(DEMO_DIR)/data/train --output_dir $(DEMO_DIR)/baseline
-	$(BIN)/memguard sample --model $(DEMO_DIR)/baseline \
-		--prompt_file $(DEMO_DIR)/data/prompts/duplicated.txt \
-		--prompt_file $(DEMO_DIR)/data/prompts/ordinary.txt \
-		--num_images 4 --seed 0 --output_dir $(DEMO_DIR)/baseline/samples
-	$(BIN)/memguard replication --samples_dir $(DEMO_DIR)/baseline/samples \
-		--train_data_dir $(DEMO_DIR)/data/train --output $(DEMO_DIR)/baseline/replication.json
+	$(BIN)/memguard audit --model $(DEMO_DIR)/baseline \
+		--train_data_dir $(DEMO_DIR)/data/train --output_dir $(DEMO_DIR)/baseline/audit
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
