@@ -145,8 +145,9 @@ def _flags(config) -> list[str]:
 
     flags = []
     for key, value in to_dict(config).items():
-        if value is not None and value != []:
-            flags += [f"--{key}", str(value)]
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                flags += [f"--{key}", str(item)]
     return flags
 
 

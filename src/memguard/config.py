@@ -133,7 +133,8 @@ def _require(condition: bool, message: str) -> None:
 
 # ------------------------------------------------------------------------------------ configs
 
-DEFENSES = ("agc",)  # names accepted by --defense; memguard.defenses.build_defenses makes them
+# Names accepted by --defense; memguard.defenses.build_defenses makes them.
+DEFENSES = ("agc", "projection")
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,9 @@ class TrainConfig:
         "noise schedule of a from-scratch model",
         choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
     )
-    defense: tuple[str, ...] = option((), "defense to attach (repeatable): agc")
+    defense: tuple[str, ...] = option((), "defense to attach (repeatable): agc, projection")
+    concept: tuple[str, ...] = option((), "projection: a prohibited concept (repeatable)")
+    projection_energy: float = option(0.99, "projection: energy kept by the concept subspace")
     agc_gamma: float = option(2.0, "AGC: keep a sample iff gamma * loss >= its timestep's bank")
     mixed_precision: str = option(
         "no", "accelerate mixed precision", choices=("no", "fp16", "bf16")
@@ -212,6 +215,11 @@ class TrainConfig:
         unknown = sorted(set(self.defense) - set(DEFENSES))
         _require(not unknown, f"defense: unknown {unknown} (known: {', '.join(DEFENSES)})")
         _require(self.agc_gamma > 0, "agc_gamma: must be positive")
+        _require(
+            "projection" not in self.defense or bool(self.concept),
+            "concept: --defense projection needs at least one --concept",
+        )
+        _require(0 < self.projection_energy <= 1, "projection_energy: must be in (0, 1]")
         _require(self.logging_steps > 0, "logging_steps: must be positive")
         _require(
             self.lora_rank == 0 or self.pretrained_model_name_or_path is not None,

@@ -2,12 +2,18 @@
 
 from memguard.config import TrainConfig
 from memguard.defenses.agc import AntiGradientControl
+from memguard.defenses.projection import ConceptProjection
 from memguard.train.hooks import Defense
 
-__all__ = ["AntiGradientControl", "build_defenses"]
+__all__ = ["AntiGradientControl", "ConceptProjection", "build_defenses"]
 
 
 def build_defenses(config: TrainConfig) -> list[Defense]:
     """The defenses that `--defense` names, configured from the run's config."""
-    makers = {"agc": lambda: AntiGradientControl(gamma=config.agc_gamma)}
+    makers = {
+        "agc": lambda: AntiGradientControl(gamma=config.agc_gamma),
+        "projection": lambda: ConceptProjection(
+            concepts=config.concept, energy=config.projection_energy
+        ),
+    }
     return [makers[name]() for name in config.defense]

@@ -37,6 +37,8 @@ class TrainingContext:
     accelerator: Any  # accelerate.Accelerator
     config: Any  # memguard.config.TrainConfig, or a user's own settings object
     step: int = 0  # optimizer steps completed
+    text_encoder: Any = None  # memguard.data.text.TextEncoder of the run, when known
+    captions: tuple[str, ...] = ()  # the training captions
 
     @property
     def world_size(self) -> int:

@@ -248,7 +248,12 @@ class Trainer:
         counter = StepCounter()
         accelerator.register_for_checkpointing(lr_schedule)
         accelerator.register_for_checkpointing(counter)
-        ctx = TrainingContext(accelerator=accelerator, config=cfg)
+        ctx = TrainingContext(
+            accelerator=accelerator,
+            config=cfg,
+            text_encoder=encoder,
+            captions=tuple(embeddings.captions),
+        )
         for defense in self.defenses:
             defense.setup(model, optimizer.optimizer, ctx)
             accelerator.register_for_checkpointing(defense)
@@ -266,8 +271,6 @@ class Trainer:
             len(dataset), local_batch, rank, world, cfg.seed, start=counter.value * accum
         )
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.dataloader_num_workers)
-        uncond = embeddings.unconditional_row
-        log = open(output_dir / LOG_FILE, "a") if main else None  # noqa: SIM115
         progress = tqdm(
             total=cfg.max_train_steps,
             initial=counter.value,
@@ -287,18 +290,9 @@ class Trainer:
             if micro == 0:
                 draws = StepDraws(cfg.seed, counter.value, global_batch * accum, scheduler, cfg)
             first = micro * global_batch + rank * local_batch
-            share = slice(first, first + local_batch)
-            rows = embeddings.rows(batch["caption"])
-            rows = torch.where(draws.dropped[share], torch.full_like(rows, uncond), rows)
-            x0 = batch["pixel_values"]
-            if cfg.random_flip:
-                x0 = torch.where(draws.flipped[share, None, None, None], x0.flip(-1), x0)
-            x0 = x0.to(accelerator.device)
-            if vae is not None:
-                x0 = to_latents(vae, x0)
-            noise = draws.noise(x0.shape[1:])[share].to(accelerator.device)
-            timesteps = draws.timesteps[share].to(accelerator.device)
-            states = embeddings.table[rows].to(accelerator.device)
+            x0, noise, timesteps, states = self._inputs(
+                batch, draws, slice(first, first + local_batch), embeddings, vae, accelerator.device
+            )
 
             with accelerator.accumulate(unet):
                 losses = per_sample_loss(unet, scheduler, x0, states, timesteps, noise)
@@ -345,23 +339,21 @@ class Trainer:
                 last_loss = float(np.mean(window))
                 now = time.perf_counter()
                 images = len(window) * global_batch
-                if log is not None:
+                if main:
                     record = {
                         "step": counter.value,
                         "loss": last_loss,
                         "lr": lr_schedule.get_last_lr()[0],
                         "images_per_second": images / max(now - log_start, 1e-9),
                     }
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    with open(output_dir / LOG_FILE, "a") as log:
+                        log.write(json.dumps(record) + "\n")
                 progress.set_postfix(loss=f"{last_loss:.4f}")
                 window, log_start = [], now
             if counter.value % cfg.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, counter.value, cfg.checkpoints_total_limit)
         loop_seconds = time.perf_counter() - loop_start
         progress.close()
-        if log is not None:
-            log.close()
 
         reports = {defense.name: defense.report() for defense in self.defenses}
         accelerator.wait_for_everyone()
@@ -391,6 +383,20 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainResult(output_dir, counter.value, last_loss, loop_seconds, steps_run)
+
+    def _inputs(self, batch: dict, draws: StepDraws, share: slice, embeddings, vae, device):
+        """(x0, noise, timesteps, text states) of this process's micro-batch, on `device`."""
+        rows = embeddings.rows(batch["caption"])
+        dropped = torch.full_like(rows, embeddings.unconditional_row)
+        rows = torch.where(draws.dropped[share], dropped, rows)  # caption dropout
+        x0 = batch["pixel_values"]
+        if self.config.random_flip:
+            x0 = torch.where(draws.flipped[share, None, None, None], x0.flip(-1), x0)
+        x0 = x0.to(device)
+        if vae is not None:
+            x0 = to_latents(vae, x0)
+        noise = draws.noise(x0.shape[1:])[share].to(device)
+        return x0, noise, draws.timesteps[share].to(device), embeddings.table[rows].to(device)
 
     def _write_model(self, model, scheduler, output_dir: Path, metadata: dict) -> None:
         """save_pretrained (safetensors) + scheduler config + memguard.json, all atomically."""
