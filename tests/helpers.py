@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +17,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from memguard.config import TrainConfig
+from memguard.config import TrainConfig, to_dict
 
 
 def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
@@ -110,3 +114,30 @@ def make_tiny_stable_diffusion(path: Path) -> Path:
     )
     pipeline.save_pretrained(path)
     return path
+
+
+def cli_flags(config: TrainConfig) -> list[str]:
+    """The `memguard train` flags that reproduce `config` (tuples as repeated flags)."""
+    flags = []
+    for key, value in to_dict(config).items():
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                flags += [f"--{key}", str(item)]
+    return flags
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_on_two_processes(config: TrainConfig) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m memguard train ...` on the CPU."""
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "-m", "memguard", "train", *cli_flags(config),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)

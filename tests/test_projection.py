@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import make_tiny_stable_diffusion, tiny_config
+from helpers import make_tiny_stable_diffusion, tiny_config, train_on_two_processes
 from memguard import Trainer
 from memguard.data.text import MiniLMEncoder
 from memguard.defenses import ConceptProjection
 from memguard.defenses.projection import concept_states, concept_subspace, guarded_weights
 from memguard.models import build_unet
-from test_trainer import _flags, _free_port, assert_same_weights
+from test_trainer import assert_same_weights
 
 CONCEPT = ("the acme logo",)
 
@@ -110,13 +107,7 @@ def test_certificate_holds_on_two_processes(shapes_dir: Path, tmp_path: Path) ->
         defense=("projection",),
         concept=CONCEPT,
     )
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "memguard", "train", *_flags(config),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    done = train_on_two_processes(config)
     assert done.returncode == 0, done.stderr[-3000:]
     metadata = json.loads((tmp_path / "two" / "memguard.json").read_text())
     assert metadata["num_processes"] == 2

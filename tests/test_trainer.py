@@ -4,10 +4,8 @@ accumulate to the same weights; bad input stops cleanly; output loads with diffu
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from helpers import tiny_config
+from helpers import cli_flags, tiny_config, train_on_two_processes
 from memguard import Defense, Trainer, TrainingError
 from memguard.data.folder import DataError, fingerprint, read_metadata
 from memguard.train.checkpoint import checkpoint_dirs
@@ -140,24 +138,13 @@ def _memguard(*args: str) -> list[str]:
     return [sys.executable, "-m", "memguard", *args]
 
 
-def _flags(config) -> list[str]:
-    from memguard.config import to_dict
-
-    flags = []
-    for key, value in to_dict(config).items():
-        for item in value if isinstance(value, list) else [value]:
-            if item is not None:
-                flags += [f"--{key}", str(item)]
-    return flags
-
-
 def test_killed_run_resumes_to_the_same_weights(shapes_dir: Path, tmp_path: Path) -> None:
     steps = dict(max_train_steps=150, checkpointing_steps=25, logging_steps=25)
     Trainer(tiny_config(shapes_dir / "train", tmp_path / "full", **steps)).train()
 
     killed = tiny_config(shapes_dir / "train", tmp_path / "killed", **steps)
     process = subprocess.Popen(
-        _memguard("train", *_flags(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _memguard("train", *cli_flags(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 120
     while not checkpoint_dirs(tmp_path / "killed") and time.monotonic() < deadline:
@@ -174,22 +161,10 @@ def test_killed_run_resumes_to_the_same_weights(shapes_dir: Path, tmp_path: Path
     assert_same_weights(tmp_path / "full", tmp_path / "killed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_on_the_same_global_batch(shapes_dir: Path, tmp_path: Path) -> None:
     Trainer(tiny_config(shapes_dir / "train", tmp_path / "one", train_batch_size=8)).train()
     two = tiny_config(shapes_dir / "train", tmp_path / "two", train_batch_size=4)
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "memguard", "train", *_flags(two),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    done = train_on_two_processes(two)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained 6 steps") == 1  # one summary: the main process's
     metadata = json.loads((tmp_path / "two" / "memguard.json").read_text())
