@@ -49,7 +49,12 @@ def nearest_neighbors(
                 min(keep, best_d.shape[1] + d.shape[1]), dim=1, largest=False
             )
             best_i = torch.cat([best_i, i + r0], 1).gather(1, order)
-        exact = (q.double()[:, None, :] - reference[best_i].double()).norm(dim=2)
+        exact = (
+            torch.stack(  # one candidate column at a time: (chunk, D) in memory, not (chunk, k, D)
+                [(q.double() - reference[column].double()).norm(dim=1) for column in best_i.T],
+                dim=1,
+            )
+        )
         exact, order = exact.sort(dim=1, stable=True)
         out_d[q0 : q0 + len(q)] = exact[:, :k]
         out_i[q0 : q0 + len(q)] = best_i.gather(1, order)[:, :k]
