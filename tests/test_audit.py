@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import tiny_config
 from memguard import Trainer, cli
@@ -86,3 +91,38 @@ def test_a_unet_saved_by_plain_diffusers(shapes_dir: Path, tmp_path: Path, capsy
     assert results["replication"]["overall"]["generations"] == 10
     print(cli.audit_summary(results))
     assert "replication, duplicated prompts" in capsys.readouterr().out
+
+
+def test_report_page_is_written_and_renders(audited, tmp_path: Path) -> None:
+    output, results = audited
+    page = (output / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') >= 2 * 10 + 3  # gallery pairs + plots
+    assert "replication, duplicated prompts" in page and "concept extraction" in page
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI") and not os.environ.get("MEMGUARD_NO_BROWSER"):
+            pytest.fail("CI must install Debian's chromium for the report screenshot test")
+        pytest.skip("no chromium on this machine")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
+         f"--screenshot={shot}", "--window-size=1200,1400", (output / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10  # text, images and plots, not a blank page
+    assert (pixels < 128).mean() > 0.005
+
+
+def test_compare_puts_runs_side_by_side(audited, tmp_path: Path, capsys) -> None:
+    output, _ = audited
+    results = str(output / "results.json")
+    page = tmp_path / "c.html"
+    cli.main(["compare", results, results, "--names", "plain,again", "--output", str(page)])
+    printed = capsys.readouterr().out
+    assert "plain" in printed and "again" in printed
+    assert "replication, duplicated prompts" in printed and "<table>" in page.read_text()
+    cli.main(["report", str(output), "--output", str(tmp_path / "again.html")])
+    assert (tmp_path / "again.html").stat().st_size > 1000

@@ -42,10 +42,12 @@ from memguard.metrics.replication import (
     nearest_cosine,
     similarity_summary,
 )
+from memguard.report.html import render_report
 from memguard.sampling import DiffusionModel, generate, load_model, save_samples
 from memguard.train.checkpoint import write_json
 
 RESULTS_FILE = "results.json"
+REPORT_FILE = "report.html"
 
 
 # ------------------------------------------------------------------------------- folders
@@ -353,6 +355,7 @@ class Auditor:
         results["warnings"] = self.warnings
         results["seconds"] = time.perf_counter() - start
         write_json(self.output / RESULTS_FILE, results)
+        render_report(results, self.output / REPORT_FILE)
         return results
 
 

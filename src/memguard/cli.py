@@ -199,11 +199,42 @@ def audit_summary(results: dict) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from memguard.audit import RESULTS_FILE, run_audit
+    from memguard.audit import REPORT_FILE, RESULTS_FILE, run_audit
 
     config = _config(AuditConfig, args)
     results = run_audit(config)
-    _print(audit_summary(results) + f"\nresults: {Path(config.output_dir) / RESULTS_FILE}")
+    output = Path(config.output_dir)
+    _print(
+        audit_summary(results)
+        + f"\nresults: {output / RESULTS_FILE}\nreport: {output / REPORT_FILE}"
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from memguard.audit import load_results
+    from memguard.report.html import render_report
+
+    out = render_report(load_results(args.results), args.output)
+    _print(f"report: {out}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from memguard.audit import load_results
+    from memguard.report.html import render_comparison, summary_rows
+
+    names = args.names.split(",") if args.names else [Path(r).parent.name for r in args.results]
+    if len(names) != len(args.results):
+        raise ConfigError(f"--names: {len(names)} names for {len(args.results)} results")
+    runs = {name: load_results(path) for name, path in zip(names, args.results, strict=True)}
+    out = render_comparison(runs, args.output)
+    table: dict[str, list[str]] = {}
+    for column, results in enumerate(runs.values()):
+        for measure, value in summary_rows(results):
+            table.setdefault(measure, [""] * len(runs))[column] = value
+    width = max(len(m) for m in table)
+    lines = [" " * width + "".join(f"  {n:>14}" for n in names)]
+    lines += [m.ljust(width) + "".join(f"  {v:>14}" for v in vs) for m, vs in table.items()]
+    _print("\n".join(lines) + f"\ncomparison: {out}")
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -238,6 +269,17 @@ def parser() -> argparse.ArgumentParser:
     _add_config_flags(audit, AuditConfig)
     audit.add_argument("--config", help="YAML file with the same keys")
     audit.set_defaults(run=cmd_audit)
+
+    report = commands.add_parser("report", help="(re)build report.html from a results.json")
+    report.add_argument("results", help="results.json, or the audit folder holding it")
+    report.add_argument("--output", default="report.html", help="the HTML file to write")
+    report.set_defaults(run=cmd_report)
+
+    compare = commands.add_parser("compare", help="several audits side by side")
+    compare.add_argument("results", nargs="+", help="results.json files (or audit folders)")
+    compare.add_argument("--names", help="comma-separated column names (default: folder names)")
+    compare.add_argument("--output", default="compare.html", help="the HTML file to write")
+    compare.set_defaults(run=cmd_compare)
 
     replication = commands.add_parser(
         "replication", help="how many generations replicate a training image (Gu et al.)"

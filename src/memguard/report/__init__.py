@@ -1,0 +1,1 @@
+"""HTML reports built from results.json alone."""
