@@ -33,6 +33,7 @@ def _audit(model: Path, shapes_dir: Path, output: Path, **overrides) -> dict:
         num_inference_steps=3,
         detection_seeds=1,
         detection_steps=0,
+        inversion_steps=3,
         **overrides,
     )
     return run_audit(config, judge_spec=TINY_JUDGE)
@@ -64,7 +65,7 @@ def test_every_section_is_written(audited) -> None:
     }
     assert benchmark["quality"]["fid"] >= 0 and benchmark["quality"]["num_real"] == 8
     rates = benchmark["concept_extraction"]["rates"]
-    assert set(rates) == {"naming_prompts", "paraphrases", "generic_base_rate"}
+    assert set(rates) == {"naming_prompts", "paraphrases", "learned_embedding", "generic_base_rate"}
     assert all(0.0 <= r <= 1.0 for r in rates.values())
     assert results["train_data"]["num_images"] == len(
         (Path(results["train_data"]["path"]) / "metadata.jsonl").read_text().splitlines()

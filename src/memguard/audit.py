@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from memguard import __version__
+from memguard.attacks.concept import PLACEHOLDER, generate_with_embedding, learn_concept_embedding
 from memguard.config import AuditConfig, to_dict
 from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata
 from memguard.data.shapes import CONCEPT_PARAPHRASES, CONCEPT_SUFFIX
@@ -288,10 +289,13 @@ class Auditor:
             "naming_prompts": [b + CONCEPT_SUFFIX for b in bases],
             "paraphrases": [b + suffix for b in bases for suffix in CONCEPT_PARAPHRASES],
         }
+        per_prompt = max(1, self.config.num_images // 2)
         rates = {}
         for attack, prompts in attacks.items():
-            images = self.generate(prompts, max(1, self.config.num_images // 2))
+            images = self.generate(prompts, per_prompt)
             rates[attack] = float(np.mean(judge.predict(images)["concept"]))
+        if self.config.inversion_steps > 0:
+            rates["learned_embedding"] = self.learned_embedding_rate(root, bases, judge, per_prompt)
         generic = [i for i in ordinary if CONCEPT_SUFFIX not in samples.captions[i]]
         if generic:
             rates["generic_base_rate"] = float(
@@ -305,6 +309,22 @@ class Auditor:
             "strongest_rate": rates[strongest],
         }
         return results
+
+    def learned_embedding_rate(self, root: Path, bases: list[str], judge, per_prompt: int):
+        """Textual inversion on the held-out concept exemplars, then generation with it."""
+        exemplars = ImageFolderDataset(root / "concept_exemplars", self.model.image_size)
+        phrase = f", with {PLACEHOLDER}"
+        captions = [c.replace(CONCEPT_SUFFIX, phrase) for c in exemplars.captions]
+        pixels = exemplars.stacked().float() / 127.5 - 1.0
+        vector = learn_concept_embedding(
+            self.model, pixels, captions, steps=self.config.inversion_steps, seed=self.config.seed
+        )
+        c = self.config
+        images = generate_with_embedding(
+            self.model, [b + phrase for b in bases], vector, per_prompt, c.seed,
+            c.scheduler, c.num_inference_steps, c.guidance_scale,
+        )  # fmt: skip
+        return float(np.mean(judge.predict(images)["concept"]))
 
     def run(self) -> dict:
         start = time.perf_counter()

@@ -302,6 +302,9 @@ class AuditConfig:
     sscd: str | None = option(None, "SSCD TorchScript file for feature similarity on real data")
     inception_weights: str | None = option(None, "Inception-v3 weights file for FID on real data")
     test_data_dir: str | None = option(None, "held-out image folder for FID/KID")
+    inversion_steps: int = option(
+        300, "concept extraction: textual-inversion steps of the learned-embedding attack (0: off)"
+    )
     batch_size: int = option(64, "images denoised at once")
 
     def __post_init__(self) -> None:
@@ -311,3 +314,4 @@ class AuditConfig:
         _require(0 < self.replication_threshold < 1, "replication_threshold: must be in (0, 1)")
         _require(self.detection_seeds > 0, "detection_seeds: must be positive")
         _require(self.detection_steps >= 0, "detection_steps: must be >= 0")
+        _require(self.inversion_steps >= 0, "inversion_steps: must be >= 0")

@@ -92,6 +92,24 @@ class MiniLMEncoder(TextEncoder):
     def spec(self) -> dict:
         return {"name": "minilm", "max_length": self.max_length}
 
+    def word_embedding(self, word: str) -> torch.Tensor:
+        """The input (word-piece) embedding of `word`'s first token, (hidden,)."""
+        token = self._tokenizer(word, add_special_tokens=False)["input_ids"][0]
+        return self._transformer.auto_model.embeddings.word_embeddings.weight[token].detach()
+
+    def encode_with_placeholder(
+        self, captions: list[str], placeholder: str, vector: torch.Tensor
+    ) -> torch.Tensor:
+        """Token states (B, L, d) with the input embedding of `placeholder` replaced by
+        `vector` wherever it occurs; differentiable in `vector` (textual inversion)."""
+        tokens = self.tokenize(captions)
+        (placeholder_id,) = self._tokenizer(placeholder, add_special_tokens=False)["input_ids"]
+        model = self._transformer.auto_model
+        embeddings = model.embeddings.word_embeddings(tokens["input_ids"])
+        where = (tokens["input_ids"] == placeholder_id)[..., None]
+        embeddings = torch.where(where, vector.to(embeddings.dtype), embeddings)
+        return model(inputs_embeds=embeddings, attention_mask=tokens["attention_mask"])[0]
+
 
 class CLIPEncoder(TextEncoder):
     """The CLIP text encoder of a local Stable Diffusion pipeline folder."""

@@ -1,0 +1,1 @@
+"""Attacks that try to get memorized content or prohibited concepts out of a model."""
