@@ -5,10 +5,14 @@ the shapes benchmark at 16 px with MiniLM caption states. The bare loop holds ev
 caption embedding in one tensor and does only: sample a batch, add noise, forward, MSE,
 backward, step. memguard's loop adds its data loader, the global-batch random draws, caption
 dropout, the defense hooks (none attached), the learning-rate schedule, progress bar and log.
-Gradient clipping is off in both. Runs alternate (bare, ours, bare, ours, ...) and the best of
-each is kept, so both see the same machine conditions.
+Gradient clipping is off in both. With `--defense`, memguard's loop also runs with that
+defense attached, which gives the defense's step-time overhead against plain training in the
+same run. Runs alternate (bare, ours, ours + defense, bare, ...) and the best of each is kept,
+so all see the same machine conditions.
 
     python benchmarks/loop_speed.py --output runs/loop_speed.json
+    python benchmarks/loop_speed.py --defense projection --concept "the acme logo" \
+        --output runs/loop_speed_projection.json
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ from memguard.config import ShapesConfig, TrainConfig
 from memguard.data.folder import ImageFolderDataset
 from memguard.data.shapes import make_shapes_dataset
 from memguard.data.text import CaptionEmbeddings, MiniLMEncoder
+from memguard.defenses import build_defenses
 from memguard.models import build_unet, noise_scheduler
 from memguard.train.trainer import Trainer
 
@@ -58,7 +64,7 @@ def bare_loop(data_dir: Path, config: TrainConfig) -> float:
 
 
 def our_loop(config: TrainConfig) -> float:
-    result = Trainer(config).train()
+    result = Trainer(config, build_defenses(config)).train()
     assert result.steps_run == config.max_train_steps
     return result.loop_seconds
 
@@ -69,6 +75,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--preset", default="bench")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--defense", help="also time memguard's loop with this defense")
+    parser.add_argument("--concept", action="append", default=[], help="for --defense projection")
     parser.add_argument("--output", default="runs/loop_speed.json")
     args = parser.parse_args()
 
@@ -86,13 +94,23 @@ def main() -> None:
                 max_grad_norm=0.0,
                 checkpointing_steps=10**9,
             )
-            bare = bare_loop(root / "train", config)
-            ours = our_loop(config)
-            runs.append({"bare_seconds": bare, "ours_seconds": ours})
-            print(f"repeat {repeat}: bare {bare:.2f}s, memguard {ours:.2f}s", flush=True)
+            run = {
+                "bare_seconds": bare_loop(root / "train", config),
+                "ours_seconds": our_loop(config),
+            }
+            if args.defense:
+                defended = replace(
+                    config,
+                    output_dir=f"{tmp}/defended-{repeat}",
+                    defense=(args.defense,),
+                    concept=tuple(args.concept),
+                )
+                run["defended_seconds"] = our_loop(defended)
+            runs.append(run)
+            print(f"repeat {repeat}: " + json.dumps(run), flush=True)
 
-    best_bare = min(r["bare_seconds"] for r in runs)
-    best_ours = min(r["ours_seconds"] for r in runs)
+    best = {key: min(r[key] for r in runs) for key in runs[0]}
+    best_bare, best_ours = best["bare_seconds"], best["ours_seconds"]
     result = {
         "benchmark": "training loop speed, memguard Trainer vs bare PyTorch loop",
         "preset": args.preset,
@@ -105,6 +123,9 @@ def main() -> None:
         "ours_images_per_second": args.steps * args.batch_size / best_ours,
         "speed_ratio": best_bare / best_ours,  # ours as a fraction of the bare loop's speed
     }
+    if args.defense:
+        result["defense"] = args.defense
+        result["defense_step_time_overhead"] = best["defended_seconds"] / best_ours - 1.0
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
