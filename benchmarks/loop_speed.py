@@ -7,8 +7,9 @@ backward, step. memguard's loop adds its data loader, the global-batch random dr
 dropout, the defense hooks (none attached), the learning-rate schedule, progress bar and log.
 Gradient clipping is off in both. With `--defense`, memguard's loop also runs with that
 defense attached, which gives the defense's step-time overhead against plain training in the
-same run. Runs alternate (bare, ours, ours + defense, bare, ...) and the best of each is kept,
-so all see the same machine conditions.
+same run. Runs alternate (bare, ours, ours + defense, bare, ...). Two estimates of the speed
+ratio are written: best of each, and the median over repeats of the ratio of adjacent runs
+(robust to the machine's load drifting during the benchmark).
 
     python benchmarks/loop_speed.py --output runs/loop_speed.json
     python benchmarks/loop_speed.py --defense projection --concept "the acme logo" \
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -74,7 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--preset", default="bench")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--defense", help="also time memguard's loop with this defense")
     parser.add_argument("--concept", action="append", default=[], help="for --defense projection")
     parser.add_argument("--output", default="runs/loop_speed.json")
@@ -122,10 +124,16 @@ def main() -> None:
         "bare_images_per_second": args.steps * args.batch_size / best_bare,
         "ours_images_per_second": args.steps * args.batch_size / best_ours,
         "speed_ratio": best_bare / best_ours,  # ours as a fraction of the bare loop's speed
+        "speed_ratio_median_of_pairs": statistics.median(
+            r["bare_seconds"] / r["ours_seconds"] for r in runs
+        ),
     }
     if args.defense:
         result["defense"] = args.defense
         result["defense_step_time_overhead"] = best["defended_seconds"] / best_ours - 1.0
+        result["defense_step_time_overhead_median_of_pairs"] = statistics.median(
+            r["defended_seconds"] / r["ours_seconds"] - 1.0 for r in runs
+        )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
