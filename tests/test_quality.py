@@ -12,7 +12,6 @@ from memguard.metrics.quality import (
     attribute_accuracy,
     caption_attributes,
     fid_kid,
-    inception_extractor,
 )
 
 
@@ -55,11 +54,6 @@ def test_fid_and_kid_match_references() -> None:
     assert figures["kid_std"] < 1e-3 * abs(figures["kid_mean"])  # each subset is the whole set
     same = fid_kid(real, real, extractor, kid_subset_size=40, kid_subsets=2)
     assert same["fid"] == pytest.approx(0.0, abs=1e-3)
-
-
-def test_missing_inception_weights_name_the_flag(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="--inception_weights"):
-        inception_extractor(tmp_path / "pt_inception.pth")
 
 
 def test_attribute_accuracy_reads_prompts() -> None:

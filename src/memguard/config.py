@@ -300,8 +300,9 @@ class AuditConfig:
     detection_seeds: int = option(4, "Wen et al. detection: starts averaged per prompt")
     detection_steps: int = option(5, "Wen et al. detection: first k sampling steps (0: all)")
     sscd: str | None = option(None, "SSCD TorchScript file for feature similarity on real data")
-    inception_weights: str | None = option(None, "Inception-v3 weights file for FID on real data")
-    test_data_dir: str | None = option(None, "held-out image folder for FID/KID")
+    test_data_dir: str | None = option(
+        None, "benchmark: held-out folder for FID/KID (default: the benchmark's test/ split)"
+    )
     inversion_steps: int = option(
         300, "concept extraction: textual-inversion steps of the learned-embedding attack (0: off)"
     )

@@ -1,13 +1,11 @@
 """Quality beside memorization, so that no defense wins by breaking the model: FID (Heusel et
 al., 2017) and KID (Binkowski et al., 2018) through torchmetrics, on a pluggable feature
-extractor: the judge's features on the benchmark, or Inception-v3 from a local weights file for
-real data (nothing is downloaded); and attribute accuracy of generations on the benchmark.
+extractor (the judge's features on the benchmark), and attribute accuracy of generations.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,18 +13,6 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 _ORDINARY_CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background")
-
-
-def inception_extractor(weights_path: str | Path) -> nn.Module:
-    """torchmetrics' FID Inception-v3 (2048-d pool features) from a local weights file."""
-    path = Path(weights_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--inception_weights: no such file: {path}")
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    return NoTrainInceptionV3(
-        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
-    )
 
 
 @torch.no_grad()
