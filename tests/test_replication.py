@@ -37,6 +37,18 @@ def test_knn_matches_brute_force(chunks: tuple[int, int]) -> None:
     assert np.array_equal(i.numpy(), expected_i)
 
 
+def test_faiss_backend_matches_brute_force() -> None:
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(4)
+    queries, reference = rng.normal(size=(40, 16)), rng.normal(size=(500, 16))
+    expected_d, expected_i = brute_force_knn(queries, reference, 3)
+    d, i = nearest_neighbors(
+        torch.from_numpy(queries), torch.from_numpy(reference), 3, query_chunk=16, backend="faiss"
+    )
+    np.testing.assert_allclose(d.numpy(), expected_d, rtol=1e-6)
+    assert np.array_equal(i.numpy(), expected_i)
+
+
 def test_gu_matches_brute_force_with_duplicates() -> None:
     rng = np.random.default_rng(1)
     train = rng.uniform(size=(40, 12)).astype(np.float32)

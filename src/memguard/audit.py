@@ -99,10 +99,15 @@ def _rate(flags: list[bool]) -> float | None:
 
 
 def replication_summary(
-    samples: ImageFolderDataset, train: ImageFolderDataset, threshold: float = 1 / 3
+    samples: ImageFolderDataset,
+    train: ImageFolderDataset,
+    threshold: float = 1 / 3,
+    backend: str = "torch",
 ) -> dict:
     """Gu et al. replication of every generation, by prompt kind and by prompt."""
-    result = gu_replication(images01(samples).flatten(1), images01(train).flatten(1), threshold)
+    result = gu_replication(
+        images01(samples).flatten(1), images01(train).flatten(1), threshold, backend=backend
+    )
     groups = result.groups.tolist()
     kinds = PromptKinds(train, groups)
     groups_of_caption: dict[str, set[int]] = defaultdict(set)
@@ -256,7 +261,7 @@ class Auditor:
                 query, reference = judge.features(generated) - centre, train_features - centre
             else:
                 query, reference = extract(generated), extract(train)
-            similarity, _ = nearest_cosine(query, reference)
+            similarity, _ = nearest_cosine(query, reference, backend=self.config.nn_backend)
         return {"descriptor": descriptor, **similarity_summary(similarity)}
 
     def benchmark(self, root: Path, ordinary_prompts: list[str], samples, judge) -> dict:
@@ -341,9 +346,9 @@ class Auditor:
             prompts = default_prompts(train, kinds, c.num_ordinary_prompts, c.seed)
 
         samples = ImageFolderDataset(self.samples(prompts), self.model.image_size)
-        replication = replication_summary(samples, train, c.replication_threshold)
+        replication = replication_summary(samples, train, c.replication_threshold, c.nn_backend)
         generated = images01(samples)
-        mq = mq_ratio(generated.flatten(1), train_images.flatten(1))
+        mq = mq_ratio(generated.flatten(1), train_images.flatten(1), backend=c.nn_backend)
         replication["mq"] = {"k": 50, "fraction_below": fractions_below(mq)}
 
         root = benchmark_root(c.train_data_dir)

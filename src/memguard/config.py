@@ -297,6 +297,11 @@ class AuditConfig:
     num_inference_steps: int = option(50, "denoising steps")
     guidance_scale: float = option(3.0, "classifier-free guidance scale")
     replication_threshold: float = option(1 / 3, "Gu et al.: replica when d1/d2 is below this")
+    nn_backend: str = option(
+        "torch",
+        "exact nearest-neighbour search: chunked torch, or faiss",
+        choices=("torch", "faiss"),
+    )
     detection_seeds: int = option(4, "Wen et al. detection: starts averaged per prompt")
     detection_steps: int = option(5, "Wen et al. detection: first k sampling steps (0: all)")
     sscd: str | None = option(None, "SSCD TorchScript file for feature similarity on real data")

@@ -20,6 +20,29 @@ import numpy as np
 import torch
 
 
+def _torch_candidates(
+    q: torch.Tensor, reference: torch.Tensor, keep: int, reference_chunk: int
+) -> torch.Tensor:
+    """Indices (n, keep) of the nearest rows by |q|^2 - 2 q.r + |r|^2, chunk by chunk."""
+    q_norm = (q * q).sum(1, keepdim=True)
+    best_d = torch.full((len(q), 0), float("inf"))
+    best_i = torch.empty((len(q), 0), dtype=torch.long)
+    for r0 in range(0, len(reference), reference_chunk):
+        r = reference[r0 : r0 + reference_chunk]
+        squared = q_norm - 2.0 * q @ r.T + (r * r).sum(1)[None, :]
+        d, i = squared.topk(min(keep, len(r)), dim=1, largest=False)
+        best_d, order = torch.cat([best_d, d], 1).topk(
+            min(keep, best_d.shape[1] + d.shape[1]), dim=1, largest=False
+        )
+        best_i = torch.cat([best_i, i + r0], 1).gather(1, order)
+    return best_i
+
+
+def _faiss_candidates(q: torch.Tensor, index, keep: int) -> torch.Tensor:
+    _, indices = index.search(q.numpy(), keep)
+    return torch.from_numpy(indices).long()
+
+
 def nearest_neighbors(
     queries: torch.Tensor,  # (n, D)
     reference: torch.Tensor,  # (m, D)
@@ -27,33 +50,35 @@ def nearest_neighbors(
     query_chunk: int = 1024,
     reference_chunk: int = 8192,
     margin: int = 4,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances (n, k) float64 ascending and indices (n, k) of the k nearest reference rows."""
+    """Distances (n, k) float64 ascending and indices (n, k) of the k nearest reference rows.
+
+    `backend="faiss"` takes the candidates from a faiss exact flat index instead of chunked
+    matmuls (faster for very large training sets; needs the `faiss-cpu` package); the final
+    distances are recomputed exactly either way."""
     n, m = len(queries), len(reference)
     if m < k:
         raise ValueError(f"need at least {k} reference vectors, got {m}")
     keep = min(m, k + margin)  # candidates kept per query, re-ranked exactly at the end
-    queries, reference = queries.float(), reference.float()
+    queries, reference = queries.float().contiguous(), reference.float().contiguous()
+    if backend == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatL2(reference.shape[1])
+        index.add(reference.numpy())
+    elif backend != "torch":
+        raise ValueError(f"nearest-neighbour backend: 'torch' or 'faiss', not {backend!r}")
     out_d = torch.empty(n, k, dtype=torch.float64)
     out_i = torch.empty(n, k, dtype=torch.long)
     for q0 in range(0, n, query_chunk):
         q = queries[q0 : q0 + query_chunk]
-        q_norm = (q * q).sum(1, keepdim=True)
-        best_d = torch.full((len(q), 0), float("inf"))
-        best_i = torch.empty((len(q), 0), dtype=torch.long)
-        for r0 in range(0, m, reference_chunk):
-            r = reference[r0 : r0 + reference_chunk]
-            squared = q_norm - 2.0 * q @ r.T + (r * r).sum(1)[None, :]
-            d, i = squared.topk(min(keep, len(r)), dim=1, largest=False)
-            best_d, order = torch.cat([best_d, d], 1).topk(
-                min(keep, best_d.shape[1] + d.shape[1]), dim=1, largest=False
-            )
-            best_i = torch.cat([best_i, i + r0], 1).gather(1, order)
-        exact = (
-            torch.stack(  # one candidate column at a time: (chunk, D) in memory, not (chunk, k, D)
-                [(q.double() - reference[column].double()).norm(dim=1) for column in best_i.T],
-                dim=1,
-            )
+        if backend == "faiss":
+            best_i = _faiss_candidates(q, index, keep)
+        else:
+            best_i = _torch_candidates(q, reference, keep, reference_chunk)
+        exact = torch.stack(  # one candidate column at a time: (chunk, D) in memory
+            [(q.double() - reference[column].double()).norm(dim=1) for column in best_i.T], dim=1
         )
         exact, order = exact.sort(dim=1, stable=True)
         out_d[q0 : q0 + len(q)] = exact[:, :k]
