@@ -203,3 +203,14 @@ def test_corrupt_image_stops_before_anything_is_written(shapes_dir: Path, tmp_pa
     with pytest.raises(DataError, match=r"00007.png \(metadata line 8\): cannot read image"):
         Trainer(tiny_config(data, tmp_path / "out")).train()
     assert not checkpoint_dirs(tmp_path / "out")
+
+
+def test_bf16_mixed_precision_trains_and_saves_float32(shapes_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(shapes_dir / "train", tmp_path / "bf16", mixed_precision="bf16")
+    result = Trainer(config).train()
+    assert torch.isfinite(torch.tensor(result.final_loss))
+    saved = weights(tmp_path / "bf16")
+    assert all(w.dtype == torch.float32 for w in saved.values())  # master weights stay fp32
+    Trainer(tiny_config(shapes_dir / "train", tmp_path / "fp32")).train()
+    with pytest.raises(AssertionError):  # autocast really changed the arithmetic
+        assert_same_weights(tmp_path / "bf16", tmp_path / "fp32")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -203,6 +204,9 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg = self.config
+        # accelerate keeps one AcceleratorState per process; drop an earlier run's settings
+        # (mixed precision, accumulation) so that this one may choose its own.
+        AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
