@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from memguard.data import folder as folder_module
 from memguard.data.folder import DataError, ImageFolderDataset, fingerprint, read_metadata
 
 
@@ -78,3 +79,18 @@ def test_fingerprint_follows_content(tmp_path: Path, shapes_dir: Path) -> None:
     assert fingerprint(read_metadata(copy)) == fingerprint(read_metadata(shapes_dir / "test"))
     Image.new("RGB", (8, 8)).save(copy / "00000.png")
     assert fingerprint(read_metadata(copy)) != fingerprint(read_metadata(shapes_dir / "test"))
+
+
+def test_folders_over_the_memory_budget_decode_per_item(
+    shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached = ImageFolderDataset(shapes_dir / "test", resolution=8)
+    monkeypatch.setattr(folder_module, "CACHE_BUDGET_BYTES", 0)
+    lazy = ImageFolderDataset(shapes_dir / "test", resolution=8)
+    assert cached._cache is not None and lazy._cache is None
+    assert torch.equal(lazy[3]["pixel_values"], cached[3]["pixel_values"])
+    data = shutil.copytree(shapes_dir / "test", tmp_path / "data")
+    (data / "00002.png").write_bytes(b"not a png")
+    lazy = ImageFolderDataset(data, resolution=8)  # not decoded yet, so no error yet
+    with pytest.raises(DataError, match=r"00002.png \(metadata line 3\): cannot read image"):
+        lazy[2]

@@ -101,12 +101,14 @@ def _rate(flags: list[bool]) -> float | None:
 def replication_summary(
     samples: ImageFolderDataset,
     train: ImageFolderDataset,
+    generated: torch.Tensor,  # images01(samples)
+    train_images: torch.Tensor,  # images01(train)
     threshold: float = 1 / 3,
     backend: str = "torch",
 ) -> dict:
     """Gu et al. replication of every generation, by prompt kind and by prompt."""
     result = gu_replication(
-        images01(samples).flatten(1), images01(train).flatten(1), threshold, backend=backend
+        generated.flatten(1), train_images.flatten(1), threshold, backend=backend
     )
     groups = result.groups.tolist()
     kinds = PromptKinds(train, groups)
@@ -346,8 +348,10 @@ class Auditor:
             prompts = default_prompts(train, kinds, c.num_ordinary_prompts, c.seed)
 
         samples = ImageFolderDataset(self.samples(prompts), self.model.image_size)
-        replication = replication_summary(samples, train, c.replication_threshold, c.nn_backend)
         generated = images01(samples)
+        replication = replication_summary(
+            samples, train, generated, train_images, c.replication_threshold, c.nn_backend
+        )
         mq = mq_ratio(generated.flatten(1), train_images.flatten(1), backend=c.nn_backend)
         replication["mq"] = {"k": 50, "fraction_below": fractions_below(mq)}
 

@@ -131,10 +131,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_replication(args: argparse.Namespace) -> None:
-    from memguard.audit import load_folders, replication_summary
+    from memguard.audit import images01, load_folders, replication_summary
 
     samples, train = load_folders(args.samples_dir, args.train_data_dir)
-    summary = replication_summary(samples, train, args.threshold)
+    summary = replication_summary(
+        samples, train, images01(samples), images01(train), args.threshold
+    )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
@@ -220,17 +222,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from memguard.audit import load_results
-    from memguard.report.html import render_comparison, summary_rows
+    from memguard.report.html import comparison_table, render_comparison
 
     names = args.names.split(",") if args.names else [Path(r).parent.name for r in args.results]
     if len(names) != len(args.results):
         raise ConfigError(f"--names: {len(names)} names for {len(args.results)} results")
     runs = {name: load_results(path) for name, path in zip(names, args.results, strict=True)}
     out = render_comparison(runs, args.output)
-    table: dict[str, list[str]] = {}
-    for column, results in enumerate(runs.values()):
-        for measure, value in summary_rows(results):
-            table.setdefault(measure, [""] * len(runs))[column] = value
+    table = comparison_table(runs)
     width = max(len(m) for m in table)
     lines = [" " * width + "".join(f"  {n:>14}" for n in names)]
     lines += [m.ljust(width) + "".join(f"  {v:>14}" for v in vs) for m, vs in table.items()]

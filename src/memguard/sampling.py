@@ -168,10 +168,35 @@ def generate(
     progress: bool = True,
 ) -> torch.Tensor:
     """Images (len(prompts) * num_images, 3, H, W) in [0, 1], prompt-major."""
-    cond = model.encoder.encode(prompts)
+    return generate_from_states(
+        model,
+        model.encoder.encode(prompts),
+        num_images,
+        seed,
+        sampler,
+        num_inference_steps,
+        guidance_scale,
+        batch_size,
+        progress,
+    )
+
+
+@torch.no_grad()
+def generate_from_states(
+    model: DiffusionModel,
+    cond: torch.Tensor,  # (P, L, d) text states, one row per prompt
+    num_images: int,
+    seed: int,
+    sampler: str = "dpm",
+    num_inference_steps: int = 50,
+    guidance_scale: float = 3.0,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Like `generate`, from text states already computed (a learned embedding, say)."""
     uncond = model.encoder.encode([""])[0]
     noise = initial_noise(model.sample_shape, seed, num_images)
-    jobs = [(p, j) for p in range(len(prompts)) for j in range(num_images)]
+    jobs = [(p, j) for p in range(len(cond)) for j in range(num_images)]
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="sample"):
         chunk = jobs[start : start + batch_size]

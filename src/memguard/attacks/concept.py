@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 
 from memguard.data.text import MiniLMEncoder
 from memguard.diffusion import per_sample_loss, to_latents
-from memguard.sampling import DiffusionModel, denoise, initial_noise
+from memguard.sampling import DiffusionModel, generate_from_states
 
 PLACEHOLDER = "*"  # a single word-piece in MiniLM's vocabulary, rare in captions
 
@@ -66,8 +66,6 @@ def generate_with_embedding(
 ) -> torch.Tensor:
     """Images (len(prompts) * num_images, 3, H, W) in [0, 1] with the learned word in place."""
     cond = model.encoder.encode_with_placeholder(prompts, PLACEHOLDER, vector)
-    uncond = model.encoder.encode([""])[0]
-    noise = initial_noise(model.sample_shape, seed, num_images)
-    rows = torch.arange(len(prompts)).repeat_interleave(num_images)
-    starts = noise.repeat(len(prompts), 1, 1, 1)
-    return denoise(model, starts, cond[rows], uncond, sampler, num_inference_steps, guidance_scale)
+    return generate_from_states(
+        model, cond, num_images, seed, sampler, num_inference_steps, guidance_scale
+    )

@@ -104,11 +104,15 @@ def fingerprint(records: list[Record]) -> str:
     return digest.hexdigest()
 
 
+CACHE_BUDGET_BYTES = 2 * 2**30  # decoded uint8 images kept in memory, at most
+
+
 class ImageFolderDataset(Dataset):
     """Validated image folder; items are {'pixel_values', 'caption', 'index'}.
 
-    Images are decoded once and kept in memory (as uint8) when `cache` is true, which is what
-    small benchmark sets want; large sets leave it false and decode per item.
+    Images are decoded once up front and kept in memory (as uint8) when they fit in
+    CACHE_BUDGET_BYTES, which also checks every image before training starts; larger folders
+    (Stable Diffusion fine-tunes) are decoded per item. `cache` forces either way.
     """
 
     def __init__(
@@ -117,13 +121,15 @@ class ImageFolderDataset(Dataset):
         resolution: int,
         image_column: str = "file_name",
         caption_column: str = "text",
-        cache: bool = True,
+        cache: bool | None = None,
     ) -> None:
         self.root = Path(root)
         self.resolution = resolution
         self.records = read_metadata(self.root, image_column, caption_column)
         self.captions = [record.text for record in self.records]
         self._cache: list[np.ndarray] | None = None
+        if cache is None:
+            cache = len(self.records) * 3 * resolution**2 <= CACHE_BUDGET_BYTES
         if cache:
             self._cache = [load_image(record, resolution) for record in self.records]
 

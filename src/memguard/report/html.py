@@ -149,14 +149,20 @@ training data: <code>{html.escape(results["train_data"]["path"])}</code>
     return output
 
 
+def comparison_table(runs: dict[str, dict]) -> dict[str, list[str]]:
+    """{measure: [value of each run]} over the union of the runs' summary rows."""
+    table: dict[str, list[str]] = {}
+    for column, results in enumerate(runs.values()):
+        for measure, value in summary_rows(results):
+            table.setdefault(measure, [""] * len(runs))[column] = value
+    return table
+
+
 def render_comparison(runs: dict[str, dict], output: str | Path) -> Path:
     """A table and a bar plot of several audits side by side (e.g. plain vs defended)."""
     output = Path(output)
     names = list(runs)
-    table: dict[str, list[str]] = {}
-    for column, results in enumerate(runs.values()):
-        for measure, value in summary_rows(results):
-            table.setdefault(measure, [""] * len(names))[column] = value
+    table = comparison_table(runs)
     figure, axis = plt.subplots(figsize=(7, 3))
     measures = [m for m in table if all(v.endswith("%") for v in table[m])]
     width = 0.8 / max(1, len(names))
