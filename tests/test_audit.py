@@ -56,6 +56,7 @@ def test_every_section_is_written(audited) -> None:
     assert "judge" in results["similarity"]["descriptor"]
     detection = results["detection"]
     assert len(detection["scores"]) == 5 and 0.0 <= detection["auc"] <= 1.0
+    assert detection["auc_by_first_steps"]["3"] == detection["auc"]  # all 3 steps: the default
     benchmark = results["benchmark"]
     assert set(benchmark["judge"]["heldout_accuracy"]) == {
         "shape",
@@ -64,6 +65,9 @@ def test_every_section_is_written(audited) -> None:
         "concept",
     }
     assert benchmark["quality"]["fid"] >= 0 and benchmark["quality"]["num_real"] == 8
+    # the captions of the logo-carrying training images, the concept words removed
+    concept_captions = benchmark["attribute_accuracy_on_concept_captions"]
+    assert concept_captions["generations"] > 0 and 0.0 <= concept_captions["all"] <= 1.0
     rates = benchmark["concept_extraction"]["rates"]
     assert set(rates) == {"naming_prompts", "paraphrases", "learned_embedding", "generic_base_rate"}
     assert all(0.0 <= r <= 1.0 for r in rates.values())
@@ -134,3 +138,34 @@ def test_compare_puts_runs_side_by_side(audited, tmp_path: Path, capsys) -> None
     assert "replication, duplicated prompts" in printed and "<table>" in page.read_text()
     cli.main(["report", str(output), "--output", str(tmp_path / "again.html")])
     assert (tmp_path / "again.html").stat().st_size > 1000
+
+
+def test_descriptors_users_bring_as_torchscript(audited, shapes_dir, tmp_path) -> None:
+    output, results = audited
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)
+    )
+    torch.jit.script(net).save(str(tmp_path / "descriptor.pt"))
+    measured = _audit(
+        results["model"],
+        shapes_dir,
+        tmp_path / "audit",
+        samples_dir=str(output / "samples"),
+        sscd=str(tmp_path / "descriptor.pt"),
+        sscd_size=12,
+        inception=str(tmp_path / "descriptor.pt"),
+        inception_size=12,
+        test_data_dir=str(shapes_dir / "test"),
+    )
+    assert measured["similarity"]["descriptor"] == "sscd"
+    quality = measured["inception_quality"]
+    assert quality["feature_extractor"] == "inception" and quality["fid"] >= 0
+    assert quality["num_real"] == 8 and quality["num_generated"] == 10
+
+
+def test_a_missing_weights_file_names_its_flag(audited, shapes_dir, tmp_path) -> None:
+    _, results = audited
+    with pytest.raises(FileNotFoundError, match="--inception: no such file"):
+        _audit(results["model"], shapes_dir, tmp_path / "audit", inception="/no/inception.pt")
+    assert not (tmp_path / "audit").exists()

@@ -34,7 +34,8 @@ from memguard.attacks.concept import PLACEHOLDER, generate_with_embedding, learn
 from memguard.config import AuditConfig, to_dict
 from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata
 from memguard.data.shapes import CONCEPT_PARAPHRASES, CONCEPT_SUFFIX
-from memguard.metrics.detection import roc_auc, text_conditional_magnitude, tpr_at_fpr
+from memguard.metrics.descriptors import ScriptedDescriptor, check_file
+from memguard.metrics.detection import roc_auc, step_magnitudes, tpr_at_fpr
 from memguard.metrics.replication import (
     distinct_rows,
     fractions_below,
@@ -192,6 +193,9 @@ class Auditor:
         self.config = config
         self.judge_spec = judge_spec  # memguard.metrics.judge.JudgeSpec; None: the default
         self.output = Path(config.output_dir)
+        for path, flag in ((config.sscd, "--sscd"), (config.inception, "--inception")):
+            if path is not None:  # before anything is sampled or written
+                check_file(path, flag)
         self.model: DiffusionModel = load_model(config.model)
         self.warnings: list[str] = []
 
@@ -218,16 +222,16 @@ class Auditor:
 
     def detection(self, prompts: list[str], kinds: PromptKinds) -> dict:
         c = self.config
-        scores = text_conditional_magnitude(
+        magnitudes = step_magnitudes(
             self.model,
             prompts,
             seeds=c.detection_seeds,
             num_inference_steps=c.num_inference_steps,
-            steps=c.detection_steps or None,
             guidance_scale=c.guidance_scale,
             sampler=c.scheduler,
             batch_size=c.batch_size,
         )
+        scores = magnitudes[:, : c.detection_steps or None].mean(dim=1)
         rows = [
             {"prompt": p, "kind": kinds(p), "d": float(d)}
             for p, d in zip(prompts, scores, strict=True)
@@ -244,14 +248,22 @@ class Auditor:
             values = np.array([r["d"] for r in labelled])
             result["auc"] = roc_auc(values, labels)
             result["tpr_at_1pct_fpr"] = tpr_at_fpr(values, labels, 0.01)
+            # how the choice of steps matters: the same score over the first k steps
+            labelled_rows = [
+                i for i, r in enumerate(rows) if r["kind"] in ("duplicated", "ordinary")
+            ]
+            total = magnitudes.shape[1]
+            result["auc_by_first_steps"] = {
+                str(k): roc_auc(magnitudes[labelled_rows, :k].mean(dim=1).numpy(), labels)
+                for k in sorted({1, 2, 3, 5, 10, total})
+                if k <= total
+            }
         return result
 
     def similarity(self, generated: torch.Tensor, train: torch.Tensor, judge) -> dict | None:
         if self.config.sscd is not None:
-            path = Path(self.config.sscd)
-            if not path.is_file():
-                raise FileNotFoundError(f"--sscd: no such file: {path}")
-            descriptor, extract = "sscd", torch.jit.load(str(path)).eval()
+            descriptor = "sscd"
+            extract = ScriptedDescriptor(self.config.sscd, "--sscd", self.config.sscd_size)
         elif judge is not None:
             descriptor, extract = "judge features, centred on the training set's mean", None
         else:
@@ -266,7 +278,21 @@ class Auditor:
             similarity, _ = nearest_cosine(query, reference, backend=self.config.nn_backend)
         return {"descriptor": descriptor, **similarity_summary(similarity)}
 
-    def benchmark(self, root: Path, ordinary_prompts: list[str], samples, judge) -> dict:
+    def inception_quality(self, generated: torch.Tensor, train_images: torch.Tensor) -> dict:
+        """FID/KID with the user's Inception features, against --test_data_dir (held-out real
+        images) or, without one, the training images."""
+        from memguard.metrics.quality import fid_kid
+
+        c = self.config
+        reference, source = train_images, "training images"
+        if c.test_data_dir is not None:
+            reference = images01(ImageFolderDataset(c.test_data_dir, self.model.image_size))
+            source = str(Path(c.test_data_dir).resolve())
+        extractor = ScriptedDescriptor(c.inception, "--inception", c.inception_size)
+        return {"feature_extractor": "inception", "reference": source,
+                **fid_kid(reference, generated, extractor)}  # fmt: skip
+
+    def benchmark(self, root: Path, ordinary_prompts: list[str], samples, judge, train) -> dict:
         """Judge accuracy, quality and concept extraction on the shapes benchmark."""
         from memguard.metrics.judge import FeatureExtractor
         from memguard.metrics.quality import attribute_accuracy, fid_kid
@@ -280,6 +306,17 @@ class Auditor:
             predicted = judge.predict(generated[ordinary])
             prompts = [samples.captions[i] for i in ordinary]
             results["attribute_accuracy"] = attribute_accuracy(prompts, predicted)
+        # What the concept-carrying training images taught, the concept words removed: the data
+        # that oracle filtering throws away and projection keeps.
+        carried = [c for c, has in zip(train.captions, train.column("has_concept"), strict=True)
+                   if has and CONCEPT_SUFFIX in c]  # fmt: skip
+        if carried:
+            prompts = sorted({c.replace(CONCEPT_SUFFIX, "") for c in carried})
+            per_prompt = max(1, self.config.num_images // 2)
+            predicted = judge.predict(self.generate(prompts, per_prompt))
+            results["attribute_accuracy_on_concept_captions"] = attribute_accuracy(
+                [p for p in prompts for _ in range(per_prompt)], predicted
+            )
 
         test = ImageFolderDataset(self.config.test_data_dir or root / "test", samples.resolution)
         test_images = self.generate(test.captions, 1)
@@ -378,9 +415,11 @@ class Auditor:
             "similarity": self.similarity(generated, train_images, judge),
             "detection": self.detection(list(dict.fromkeys(prompts)), kinds),
         }
+        if c.inception is not None:
+            results["inception_quality"] = self.inception_quality(generated, train_images)
         if root is not None:
             ordinary = [p for p in dict.fromkeys(samples.captions) if kinds(p) == "ordinary"]
-            results["benchmark"] = self.benchmark(root, ordinary, samples, judge)
+            results["benchmark"] = self.benchmark(root, ordinary, samples, judge, train)
         results["warnings"] = self.warnings
         results["seconds"] = time.perf_counter() - start
         write_json(self.output / RESULTS_FILE, results)

@@ -189,6 +189,23 @@ class TrainConfig:
     defense: tuple[str, ...] = option((), "defense to attach (repeatable): agc, projection")
     concept: tuple[str, ...] = option((), "projection: a prohibited concept (repeatable)")
     projection_energy: float = option(0.99, "projection: energy kept by the concept subspace")
+    projection_mode: str = option(
+        "text",
+        "projection: guard cross-attention keys/values (text) or image-feature layers (feature)",
+        choices=("text", "feature"),
+    )
+    concept_exemplars: str | None = option(
+        None, "projection, feature mode: image folder (metadata.jsonl) showing the concept"
+    )
+    projection_layers: tuple[str, ...] = option(
+        (), "projection, feature mode: layer name patterns to guard (default: all image layers)"
+    )
+    projection_refresh_steps: int = option(
+        0, "projection, feature mode: re-measure the exemplars every N steps, add new directions"
+    )
+    projection_anchor_energy: float = option(
+        0.99, "projection, feature mode: energy of the anchor images' shared directions removed"
+    )
     agc_gamma: float = option(2.0, "AGC: keep a sample iff gamma * loss >= its timestep's bank")
     mixed_precision: str = option(
         "no", "accelerate mixed precision", choices=("no", "fp16", "bf16")
@@ -220,6 +237,14 @@ class TrainConfig:
             "concept: --defense projection needs at least one --concept",
         )
         _require(0 < self.projection_energy <= 1, "projection_energy: must be in (0, 1]")
+        _require(
+            self.projection_mode != "feature" or self.concept_exemplars is not None,
+            "concept_exemplars: --projection_mode feature needs a folder of concept exemplars",
+        )
+        _require(self.projection_refresh_steps >= 0, "projection_refresh_steps: must be >= 0")
+        _require(
+            0 <= self.projection_anchor_energy < 1, "projection_anchor_energy: must be in [0, 1)"
+        )
         _require(self.logging_steps > 0, "logging_steps: must be positive")
         _require(
             self.lora_rank == 0 or self.pretrained_model_name_or_path is not None,
@@ -305,6 +330,11 @@ class AuditConfig:
     detection_seeds: int = option(4, "Wen et al. detection: starts averaged per prompt")
     detection_steps: int = option(5, "Wen et al. detection: first k sampling steps (0: all)")
     sscd: str | None = option(None, "SSCD TorchScript file for feature similarity on real data")
+    sscd_size: int = option(288, "side the images are resized to for SSCD")
+    inception: str | None = option(
+        None, "Inception-v3 TorchScript feature file: FID/KID against --test_data_dir (real data)"
+    )
+    inception_size: int = option(299, "side the images are resized to for --inception")
     test_data_dir: str | None = option(
         None, "benchmark: held-out folder for FID/KID (default: the benchmark's test/ split)"
     )

@@ -17,34 +17,32 @@ from memguard.sampling import DiffusionModel, denoise, initial_noise
 
 
 @torch.no_grad()
-def text_conditional_magnitude(
+def step_magnitudes(
     model: DiffusionModel,
     prompts: list[str],
     seeds: int = 4,
     num_inference_steps: int = 50,
-    steps: int | None = None,
     guidance_scale: float = 3.0,
     sampler: str = "dpm",
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """d(p) for each prompt, shape (P,): averaged over `seeds` starts and the first `steps`."""
+    """(P, num_inference_steps): ||eps(x_t, p) - eps(x_t, '')|| at each sampling step along the
+    guided trajectory, averaged over `seeds` starts."""
     if guidance_scale == 1.0:
         raise ValueError("detection needs guided sampling (guidance_scale != 1)")
     cond = model.encoder.encode(prompts)
     uncond = model.encoder.encode([""])[0]
     noise = initial_noise(model.sample_shape, 0, seeds)
     jobs = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
-    totals = torch.zeros(len(prompts), dtype=torch.float64)
-    counted = steps if steps is not None else num_inference_steps
+    totals = torch.zeros(len(prompts), num_inference_steps, dtype=torch.float64)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         rows = torch.tensor([p for p, _ in chunk])
-        sums = torch.zeros(len(chunk), dtype=torch.float64)
+        per_step = torch.zeros(len(chunk), num_inference_steps, dtype=torch.float64)
 
-        def record(i: int, unconditional, conditional, sums: torch.Tensor = sums) -> None:
-            if i < counted:
-                difference = (conditional - unconditional).flatten(1).double().norm(dim=1)
-                sums.add_(difference.cpu())
+        def record(i: int, unconditional, conditional, per_step: torch.Tensor = per_step) -> None:
+            difference = (conditional - unconditional).flatten(1).double().norm(dim=1)
+            per_step[:, i] = difference.cpu()
 
         denoise(
             model,
@@ -56,8 +54,25 @@ def text_conditional_magnitude(
             guidance_scale,
             on_step=record,
         )
-        totals.index_add_(0, rows, sums / counted)
+        totals.index_add_(0, rows, per_step)
     return totals / seeds
+
+
+def text_conditional_magnitude(
+    model: DiffusionModel,
+    prompts: list[str],
+    seeds: int = 4,
+    num_inference_steps: int = 50,
+    steps: int | None = None,
+    guidance_scale: float = 3.0,
+    sampler: str = "dpm",
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """d(p) for each prompt, shape (P,): averaged over `seeds` starts and the first `steps`."""
+    magnitudes = step_magnitudes(
+        model, prompts, seeds, num_inference_steps, guidance_scale, sampler, batch_size
+    )
+    return magnitudes[:, :steps].mean(dim=1)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:

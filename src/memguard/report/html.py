@@ -66,6 +66,8 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
         rows.append(("KID (judge features)", f"{benchmark['quality']['kid_mean']:.4f}"))
         attributes = benchmark.get("attribute_accuracy", {})
         rows.append(("attribute accuracy, ordinary prompts", _percent(attributes.get("all"))))
+        carried = benchmark.get("attribute_accuracy_on_concept_captions", {})
+        rows.append(("attribute accuracy, concept images' captions", _percent(carried.get("all"))))
         for attack, rate in benchmark["concept_extraction"]["rates"].items():
             rows.append((f"concept extraction, {attack.replace('_', ' ')}", _percent(rate)))
     for name, report in (results.get("model_training", {}).get("defenses") or {}).items():
