@@ -1,4 +1,5 @@
-"""Concept-level gradient projection, text mode: exactness, the certificate, attach/detach."""
+"""Concept-level gradient projection in text and feature mode: exactness, the certificate,
+attach/detach, the subspaces."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ import torch
 from helpers import make_tiny_stable_diffusion, tiny_config, train_on_two_processes
 from memguard import Trainer
 from memguard.data.text import MiniLMEncoder
-from memguard.defenses import ConceptProjection
-from memguard.defenses.projection import concept_states, concept_subspace, guarded_weights
+from memguard.defenses import ConceptProjection, build_defenses
+from memguard.defenses.feature_subspace import basis_from_gram, concept_feature_bases, layer_rows
+from memguard.defenses.projection import (
+    concept_states,
+    concept_subspace,
+    energy_basis,
+    guarded_weights,
+)
 from memguard.models import build_unet
 from test_trainer import assert_same_weights
 
@@ -129,4 +136,89 @@ def test_lora_adapters_are_projected(shapes_dir: Path, tmp_path: Path) -> None:
     )
     Trainer(config, [projection]).train()
     assert all(".lora_A." in name for name in projection.weights)
+    assert projection.report()["leak"] <= 1e-5
+
+
+# ------------------------------------------------------------------------------ feature mode
+
+
+def test_im2col_rows_reproduce_the_convolution() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1, stride=2)
+    x = torch.randn(2, 3, 8, 8)
+    rows = layer_rows(conv, x)  # (2 * 16, 27)
+    expected = (conv(x) - conv.bias[:, None, None]).permute(0, 2, 3, 1).reshape(-1, 5)
+    torch.testing.assert_close(rows @ conv.weight.flatten(1).T, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gram_basis_spans_the_top_singular_directions() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(200, 6, dtype=torch.float64) * torch.tensor([10, 5, 1, 0.1, 0.1, 0.1])
+    basis = basis_from_gram(rows.T @ rows, energy=0.99)
+    assert basis.shape[1] == energy_basis(rows, 0.99).shape[1] == 2
+    reference = energy_basis(rows, 0.99)
+    assert torch.allclose(basis @ basis.T, reference @ reference.T, atol=1e-8)
+
+
+def test_directions_the_anchors_share_are_not_guarded() -> None:
+    torch.manual_seed(0)
+    mixing = torch.randn(2, 8, dtype=torch.float64)
+    mixing[:, 7] = 0  # the shared directions leave coordinate 7 alone
+    shared = torch.randn(100, 2, dtype=torch.float64) @ mixing
+    own = torch.zeros(100, 8, dtype=torch.float64)
+    own[:, 7] = torch.randn(100)
+    concept = {"layer": (shared + own).T @ (shared + own)}
+    anchor = {"layer": shared.T @ shared}
+    basis = concept_feature_bases(concept, anchor, energy=0.99, anchor_energy=0.999)["layer"]
+    assert basis.shape[1] == 1 and abs(abs(float(basis[7, 0])) - 1) < 1e-6
+    inside = concept_feature_bases(anchor, anchor, energy=0.99, anchor_energy=0.999)["layer"]
+    assert inside.shape[1] == 0
+
+
+def test_feature_mode_certificate_on_convolutions(shapes_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        shapes_dir / "train",
+        tmp_path / "feature",
+        adam_weight_decay=0.1,
+        defense=("projection",),
+        concept=CONCEPT,
+        projection_mode="feature",
+        concept_exemplars=str(shapes_dir / "concept_exemplars"),
+        projection_anchor_energy=0.0,  # no directions left free: every layer gets a subspace
+    )
+    projection = build_defenses(config)[0]
+    Trainer(config, [projection]).train()
+    report = json.loads((tmp_path / "feature" / "memguard.json").read_text())["defenses"]
+    assert report["projection"]["mode"] == "feature"
+    assert report["projection"]["leak"] <= 1e-5
+    assert "conv_in.weight" in projection.weights and "conv_out.weight" in projection.weights
+    assert not any(name.endswith(("attn2.to_k.weight", "time_emb_proj.weight"))
+                   for name in projection.weights)  # fmt: skip
+    assert report["projection"]["subspace_rank"] > 0
+
+
+def test_refreshed_subspaces_grow_and_keep_the_certificate(shapes_dir: Path, tmp_path: Path):
+    config = tiny_config(
+        shapes_dir / "train",
+        tmp_path / "refresh",
+        adam_weight_decay=0.1,
+        learning_rate=1e-2,
+        defense=("projection",),
+        concept=CONCEPT,
+        projection_mode="feature",
+        concept_exemplars=str(shapes_dir / "concept_exemplars"),
+        projection_refresh_steps=2,
+    )
+    projection = build_defenses(config)[0]
+    ranks = []
+    original_refresh = projection.refresh
+
+    def counting_refresh(model, ctx) -> None:
+        original_refresh(model, ctx)
+        ranks.append(sum(u.shape[1] for u in projection.layer_bases.values()))
+
+    projection.refresh = counting_refresh
+    Trainer(config, [projection]).train()
+    assert len(ranks) == 3  # at the start, then twice during the 6 steps
+    assert ranks[0] > 0 and ranks[-1] > ranks[0]
     assert projection.report()["leak"] <= 1e-5

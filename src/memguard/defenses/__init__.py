@@ -13,7 +13,13 @@ def build_defenses(config: TrainConfig) -> list[Defense]:
     makers = {
         "agc": lambda: AntiGradientControl(gamma=config.agc_gamma),
         "projection": lambda: ConceptProjection(
-            concepts=config.concept, energy=config.projection_energy
+            concepts=config.concept,
+            energy=config.projection_energy,
+            mode=config.projection_mode,
+            exemplars=config.concept_exemplars,
+            layers=config.projection_layers,
+            anchor_energy=config.projection_anchor_energy,
+            refresh_steps=config.projection_refresh_steps,
         ),
     }
     return [makers[name]() for name in config.defense]

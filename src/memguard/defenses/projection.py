@@ -1,34 +1,44 @@
-"""Concept-level gradient projection, text mode (Kothandaraman & Pytlarz, "Beyond Memorization:
-Gradient Projection Enables Selective Learning in Diffusion Models", arXiv 2512.11194; the
-subspace construction is memguard's reading of METHODS.md section 1).
+"""Concept-level gradient projection in text and feature mode (Kothandaraman & Pytlarz, "Beyond
+Memorization: Gradient Projection Enables Selective Learning in Diffusion Models", arXiv
+2512.11194; the subspace construction is memguard's reading of METHODS.md section 1).
 
-Cross-attention keys and values are the only weights whose input is the text: k = W_k e,
-v = W_v e. Their gradient is a sum of outer products g e^T, so right-multiplying it by
-P = I - U U^T, with U an orthonormal basis of the concept's token states, removes every training
-signal the concept's tokens carry. Adam's per-coordinate scaling and decoupled weight decay
-still move W along span(U), so after every optimizer step W is restored on the subspace:
-W <- W + (W_0 U - W U) U^T, which keeps W c = W_0 c exactly for every c in span(U). The
-certificate is the leak max_{c in span(U)} ||(W_T - W_0) c|| / ||W_0 c|| over the guarded
+A weight W acting on inputs x learns only through outer products g x^T, so right-multiplying its
+gradient by P = I - U U^T, with U an orthonormal basis of the concept's inputs to that weight,
+removes every training signal those inputs carry. Adam's per-coordinate scaling and decoupled
+weight decay still move W along span(U), so after every optimizer step W is restored on the
+subspace: W <- W + (W_0 U - W U) U^T, which keeps W c = W_0 c exactly for every c in span(U).
+The certificate is the leak max_{c in span(U)} ||(W_T - W_0) c|| / ||W_0 c|| over the guarded
 weights (a generalised eigenvalue problem in r dimensions).
 
-Subspace: prompts naming each concept are encoded by the run's text encoder; the states of the
+Text mode (default) guards the cross-attention keys and values, the only weights whose input is
+the text: prompts naming each concept are encoded by the run's text encoder; the states of the
 concept's tokens and of the positions after them are kept (the first position, identical in
 every prompt, and padding are dropped); optionally the directions shared by neutral anchor
 prompts are removed; an SVD keeps the directions holding `energy` of the total.
 
-Use it from `memguard train --defense projection --concept "the acme logo"`, or attach it to a
-model and optimizer of your own with `attach()` / `detach()`.
+Feature mode guards the layers that see the image (convolutions on im2col patches, linear
+layers on their rows), one subspace per layer from its inputs on exemplar images of the concept,
+with the directions that images without the concept share left free
+(`memguard.defenses.feature_subspace`).
+
+Use it from `memguard train --defense projection --concept "the acme logo"` (add
+`--projection_mode feature --concept_exemplars DIR` for feature mode), or attach it to a model
+and optimizer of your own with `attach()` / `detach()`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from memguard.data.folder import ImageFolderDataset
 from memguard.data.text import TextEncoder
+from memguard.defenses.feature_subspace import concept_feature_bases, feature_layers, input_grams
+from memguard.diffusion import to_latents
 from memguard.train.hooks import Defense, TrainingContext
 
 TEMPLATES = (
@@ -137,7 +147,12 @@ def guarded_weights(model: nn.Module) -> dict[str, Guarded]:
 
 
 class ConceptProjection(Defense):
-    """Projects the gradients and updates of text-facing weights off a concept subspace."""
+    """Projects the gradients and updates of guarded weights off a concept's subspaces.
+
+    mode "text": the cross-attention keys and values, one subspace of the text encoder's token
+    states. mode "feature": the layers `feature_layers` chooses, one subspace per layer from its
+    inputs on `exemplars` (a folder of images showing the concept, with captions), with the
+    directions shared by training images that do not name the concept removed."""
 
     name = "projection"
 
@@ -147,16 +162,40 @@ class ConceptProjection(Defense):
         concepts: tuple[str, ...] = (),
         energy: float = 0.99,
         anchors: tuple[str, ...] = (),
+        mode: str = "text",
+        exemplars: str | None = None,
+        layers: tuple[str, ...] = (),
+        anchor_energy: float = 0.99,
+        bases: dict[str, torch.Tensor] | None = None,
+        refresh_steps: int = 0,
     ) -> None:
-        """Give the `basis` (d, r), or the `concepts` to build it from at `setup` with the run's
-        text encoder and training captions (what `memguard train --defense projection` does)."""
-        if basis is None and not concepts:
+        """Text mode: give the `basis` (d, r), or the `concepts` to build it from at `setup` with
+        the run's text encoder and training captions. Feature mode: give `bases` (module name ->
+        (fan_in, r)), or `exemplars` to build them from at `setup` (what `memguard train
+        --defense projection --projection_mode feature` does). With `refresh_steps`, feature
+        mode measures the exemplars again with the current model every that many steps and adds
+        the concept's new directions to each layer's subspace (GPM's memory update), so that
+        features the model builds for the concept during training are guarded too."""
+        if mode not in ("text", "feature"):
+            raise ValueError(f"projection mode must be 'text' or 'feature', not {mode!r}")
+        if mode == "text" and basis is None and not concepts:
             raise ValueError("ConceptProjection needs a basis or at least one concept")
-        self.basis = basis.double() if basis is not None else None  # (d, r), orthonormal
+        if mode == "feature" and bases is None and exemplars is None:
+            raise ValueError("feature mode needs `bases` or a folder of concept `exemplars`")
+        self.mode = mode
+        self.basis = basis.double() if basis is not None else None  # text mode (d, r)
+        self.layer_bases = {k: v.double() for k, v in (bases or {}).items()} or None
         self.concepts, self.energy, self.anchors = tuple(concepts), energy, tuple(anchors)
+        self.exemplars, self.layers, self.anchor_energy = exemplars, tuple(layers), anchor_energy
+        self.refresh_steps = refresh_steps
+        self.refresh_seconds: list[float] = []  # wall time of each re-measurement
+        self._layers: dict[str, nn.Module] = {}
         self.weights: dict[str, Guarded] = {}
+        self.bases: dict[str, torch.Tensor] = {}  # per guarded parameter, (fan_in, r)
         self.anchor: dict[str, torch.Tensor] = {}  # P_0 U per projected parameter P
-        self.effective_anchor: dict[str, torch.Tensor] = {}  # W_0 U per text-facing weight
+        self.effective_anchor: dict[str, torch.Tensor] = {}  # W_0 U per guarded weight
+        self._u: dict[str, torch.Tensor] = {}
+        self._u64: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
     @classmethod
@@ -174,10 +213,7 @@ class ConceptProjection(Defense):
 
     # ------------------------------------------------------------------------ the hooks
 
-    def _basis_for(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.basis.to(weight.device, weight.dtype)
-
-    def setup(self, model: nn.Module, optimizer, ctx: TrainingContext | None = None) -> None:
+    def _text_weights(self, ctx: TrainingContext | None, model: nn.Module) -> None:
         if self.basis is None:
             if ctx is None or ctx.text_encoder is None:
                 raise ValueError("building the concept subspace needs the run's text encoder")
@@ -186,35 +222,85 @@ class ConceptProjection(Defense):
                 extra_prompts=ctx.captions,
             )  # fmt: skip
         self.weights = guarded_weights(model)
+        self.bases = {name: self.basis for name in self.weights}
+
+    def _feature_weights(self, ctx: TrainingContext | None, model: nn.Module) -> None:
+        self._layers = layers = {
+            name: module
+            for name, module in feature_layers(model, self.layers).items()
+            if module.weight.requires_grad
+        }
+        if self.refresh_steps and self.layer_bases is None:  # every layer may gain directions
+            self.layer_bases = {
+                name: torch.zeros(m.weight[0].numel(), 0, dtype=torch.float64)
+                for name, m in layers.items()
+            }
+            self.refresh(model, ctx)
+        if self.layer_bases is None:
+            if ctx is None or ctx.text_encoder is None or ctx.scheduler is None:
+                raise ValueError("building feature subspaces needs the run's encoder and scheduler")
+            self.layer_bases = exemplar_bases(
+                model, layers, ctx, self.exemplars, self.concepts, self.energy, self.anchor_energy
+            )
+        missing = sorted(set(self.layer_bases) - set(layers))
+        if missing:
+            raise ValueError(f"feature bases for layers the model lacks: {missing[:5]}")
+        keep_empty = self.refresh_steps > 0
+        weights = {
+            name: layers[name].weight
+            for name, u in self.layer_bases.items()
+            if u.shape[1] or keep_empty
+        }
+        self.weights = {
+            f"{name}.weight": Guarded(weight, lambda w=weight: w.flatten(1))
+            for name, weight in weights.items()
+        }
+        self.bases = {f"{name}.weight": self.layer_bases[name] for name in weights}
+
+    def setup(self, model: nn.Module, optimizer, ctx: TrainingContext | None = None) -> None:
+        if self.mode == "text":
+            self._text_weights(ctx, model)
+        else:
+            self._feature_weights(ctx, model)
         for name, guarded in self.weights.items():
-            weight = guarded.param
-            if weight.shape[1] != self.basis.shape[0]:
+            weight, basis = guarded.param, self.bases[name]
+            if weight[0].numel() != basis.shape[0]:
                 raise ValueError(
-                    f"{name}: input width {weight.shape[1]} != concept basis width "
-                    f"{self.basis.shape[0]} (was the basis built with this model's text encoder?)"
+                    f"{name}: input width {weight[0].numel()} != subspace width {basis.shape[0]} "
+                    "(was the subspace built with this model and text encoder?)"
                 )
             with torch.no_grad():
+                u = basis.to(weight.device)
                 if ".lora_A." in name:  # LoRA: start A inside the complement
-                    u = self._basis_for(weight)
-                    weight -= (weight @ u) @ u.T
-                u = self.basis.to(weight.device)
-                self.anchor[name] = (weight.double() @ u).clone()
+                    weight -= ((weight.double() @ u) @ u.T).to(weight.dtype)
+                self.anchor[name] = (weight.flatten(1).double() @ u).clone()
                 self.effective_anchor[name] = (guarded.effective().double() @ u).clone()
+        self._place_bases()
+
+    def _place_bases(self) -> None:
+        """Each basis on its weight's device, in float64 (restoring) and the weight's dtype
+        (projecting gradients), made once rather than at every step."""
+        self._u64, self._u = {}, {}
+        for name, guarded in self.weights.items():
+            self._u64[name] = self.bases[name].to(guarded.param.device, torch.float64)
+            self._u[name] = self._u64[name].to(guarded.param.dtype)
 
     @torch.no_grad()
     def project_gradients(self) -> None:
         """grad <- grad (I - U U^T) for every guarded weight."""
-        for weight in (guarded.param for guarded in self.weights.values()):
-            if weight.grad is not None:
-                u = self._basis_for(weight)
-                weight.grad -= (weight.grad @ u) @ u.T
+        for name, guarded in self.weights.items():
+            grad = guarded.param.grad
+            if grad is not None:
+                u = self._u[name]
+                flat = grad.view(len(grad), -1)
+                flat -= (flat @ u) @ u.T
 
     @torch.no_grad()
     def restore_subspace(self) -> None:
-        """W <- W + (W_0 U - W U) U^T: the concept's keys and values do not move."""
+        """W <- W + (W_0 U - W U) U^T: the weights do not move on the concept's subspace."""
         for name, guarded in self.weights.items():
-            weight = guarded.param
-            u = self.basis.to(weight.device)
+            weight = guarded.param.view(len(guarded.param), -1)
+            u = self._u64[name]
             drift = self.anchor[name] - weight.double() @ u
             weight += (drift @ u.T).to(weight.dtype)
 
@@ -223,6 +309,36 @@ class ConceptProjection(Defense):
 
     def after_step(self, model: nn.Module, ctx: TrainingContext) -> None:
         self.restore_subspace()
+        if self.refresh_steps and ctx.step > 0 and ctx.step % self.refresh_steps == 0:
+            self.refresh(model, ctx)
+
+    @torch.no_grad()
+    def refresh(self, model: nn.Module, ctx: TrainingContext) -> None:
+        """Feature mode: add the directions the exemplars' inputs take under the current weights
+        and that the subspace lacks; each new direction is held at the weight it has now."""
+        start = time.perf_counter()
+        found = exemplar_bases(
+            model, self._layers, ctx, self.exemplars, self.concepts, self.energy, self.anchor_energy
+        )
+        for layer, new in found.items():
+            old = self.layer_bases[layer]
+            fresh = new - old @ (old.T @ new)
+            fresh = fresh[:, fresh.norm(dim=0) > 0.5]  # mostly outside the span so far
+            if fresh.shape[1] == 0:
+                continue
+            fresh = torch.linalg.qr(fresh - old @ (old.T @ fresh))[0]
+            self.layer_bases[layer] = torch.cat([old, fresh], dim=1)
+            name = f"{layer}.weight"
+            if name in self.weights:  # training has started: anchor the new directions now
+                guarded = self.weights[name]
+                held = guarded.param.flatten(1).double() @ fresh.to(guarded.param.device)
+                self.anchor[name] = torch.cat([self.anchor[name], held], dim=1)
+                effective = guarded.effective().double() @ fresh.to(guarded.param.device)
+                self.effective_anchor[name] = torch.cat([self.effective_anchor[name], effective], 1)
+                self.bases[name] = self.layer_bases[layer]
+        if self.weights:
+            self._place_bases()
+        self.refresh_seconds.append(time.perf_counter() - start)
 
     # ------------------------------------------------------------- attach to your own loop
 
@@ -249,40 +365,81 @@ class ConceptProjection(Defense):
 
     @torch.no_grad()
     def leak(self) -> float:
-        """max over guarded weights and c in span(U) of ||(W - W_0) c|| / ||W_0 c||, with W the
-        weight that multiplies the text (base + LoRA delta under LoRA)."""
+        """max over guarded weights and c in their subspace of ||(W - W_0) c|| / ||W_0 c||, with W
+        the weight as it multiplies its input (base + LoRA delta under LoRA) and W_0 the weight
+        when c joined the subspace (the start, or a feature-mode refresh). Directions c that
+        W_0 maps to (nearly) zero, as a layer with fewer outputs than subspace directions has,
+        are measured against W_0's largest response on the subspace instead."""
         worst = 0.0
-        if self.basis is None or self.basis.shape[1] == 0:
-            return worst
         for name, guarded in self.weights.items():
+            u = self.bases[name]
+            if u.shape[1] == 0:
+                continue
             b = self.effective_anchor[name]  # W_0 U
             effective = guarded.effective().double()
-            a = effective @ self.basis.to(effective.device) - b  # (W - W_0) U
-            gram_b = b.T @ b
-            chol = torch.linalg.cholesky(gram_b + 1e-30 * torch.eye(len(gram_b), dtype=b.dtype))
-            inv = torch.linalg.inv(chol)
-            ratio = torch.linalg.eigvalsh(inv @ (a.T @ a) @ inv.T).max().clamp_min(0).sqrt()
-            worst = max(worst, float(ratio))
+            a = effective @ u.to(effective.device) - b  # (W - W_0) U
+            _, singular, vh = torch.linalg.svd(b, full_matrices=True)
+            responds = int((singular > 1e-6 * singular[0]).sum())
+            on_range = a @ vh[:responds].T / singular[:responds]  # c = V S^-1 z, ||W_0 c|| = ||z||
+            worst = max(worst, float(torch.linalg.matrix_norm(on_range, ord=2)))
+            if responds < u.shape[1]:
+                null = a @ vh[responds:].T / singular[0]
+                worst = max(worst, float(torch.linalg.matrix_norm(null, ord=2)))
         return worst
 
     def state_dict(self) -> dict:
         return {
-            "basis": self.basis,
+            "bases": dict(self.bases),
             "anchor": dict(self.anchor),
             "effective_anchor": dict(self.effective_anchor),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.basis = state["basis"]
+        self.bases = dict(state["bases"])
         self.anchor = dict(state["anchor"])
         self.effective_anchor = dict(state["effective_anchor"])
+        if self.mode == "feature":
+            self.layer_bases = {name.removesuffix(".weight"): u for name, u in self.bases.items()}
+        self._place_bases()
 
     def report(self) -> dict:
+        ranks = [int(u.shape[1]) for u in self.bases.values()]
         return {
-            "mode": "text",
+            "mode": self.mode,
             "concepts": list(self.concepts),
-            "subspace_rank": int(self.basis.shape[1]),
-            "embedding_width": int(self.basis.shape[0]),
+            "subspace_rank": max(ranks, default=0),
+            "subspace_rank_total": sum(ranks),
             "guarded_weights": len(self.weights),
             "leak": self.leak() if self.weights else None,
+            **({"refresh_seconds": self.refresh_seconds} if self.refresh_steps else {}),
         }
+
+
+def exemplar_bases(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    ctx: TrainingContext,
+    exemplars: str,
+    concepts: tuple[str, ...],
+    energy: float,
+    anchor_energy: float,
+) -> dict[str, torch.Tensor]:
+    """Feature-mode subspaces from a folder of concept exemplars; anchors are as many training
+    images whose captions name none of the concepts (seeded choice)."""
+    config = ctx.config
+    folder = ImageFolderDataset(exemplars, config.resolution)
+    dataset = ctx.dataset
+    plain = [i for i, c in enumerate(dataset.captions) if not any(k in c for k in concepts)]
+    order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(config.seed))
+    anchors = [plain[i] for i in order[: len(folder)].tolist()]
+
+    def grams(images: ImageFolderDataset, indices: list[int]) -> dict[str, torch.Tensor]:
+        x0 = torch.stack([images[i]["pixel_values"] for i in indices])
+        if ctx.vae is not None:
+            x0 = to_latents(ctx.vae, x0.to(ctx.vae.device)).cpu()
+        states = ctx.text_encoder.encode([images.captions[i] for i in indices])
+        return input_grams(model, layers, x0, states, ctx.scheduler, seed=config.seed)
+
+    concept = grams(folder, list(range(len(folder))))
+    anchor = grams(dataset, anchors)
+    return concept_feature_bases(concept, anchor, energy, anchor_energy)

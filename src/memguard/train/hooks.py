@@ -39,6 +39,9 @@ class TrainingContext:
     step: int = 0  # optimizer steps completed
     text_encoder: Any = None  # memguard.data.text.TextEncoder of the run, when known
     captions: tuple[str, ...] = ()  # the training captions
+    dataset: Any = None  # memguard.data.folder.ImageFolderDataset of the training images
+    scheduler: Any = None  # the training noise scheduler
+    vae: Any = None  # the VAE of a latent model, None in pixel space
 
     @property
     def world_size(self) -> int:

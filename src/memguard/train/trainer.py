@@ -257,6 +257,9 @@ class Trainer:
             config=cfg,
             text_encoder=encoder,
             captions=tuple(embeddings.captions),
+            dataset=dataset,
+            scheduler=scheduler,
+            vae=vae,
         )
         for defense in self.defenses:
             defense.setup(model, optimizer.optimizer, ctx)

@@ -1,0 +1,140 @@
+"""Activation subspaces of a concept for feature-mode gradient projection (METHODS.md section 1,
+in the manner of Gradient Projection Memory, Saha et al., "Gradient Projection Memory for
+Continual Learning", ICLR 2021).
+
+A layer y = W x learns from an image only through outer products g x^T of its backpropagated
+error g and its input x. Collect the inputs each chosen layer sees on exemplar images of the
+concept (noised as in training, at random timesteps, under their captions): the rows x of a
+linear layer, the im2col patches of a convolution. Remove the directions that images without
+the concept share (anchors), then keep the directions holding `energy` of what remains. The
+result U_l per layer is what ConceptProjection projects gradients and updates off.
+
+Inputs are accumulated as Gram matrices X^T X (fan_in x fan_in), so memory does not grow with
+the number of exemplars or spatial positions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Layers whose input is not the image's features: the text (cross-attention keys and values,
+# text mode's business) and the timestep embedding.
+NOT_IMAGE_INPUT = ("*attn2.to_k", "*attn2.to_v", "time_embedding.*", "*time_emb_proj")
+
+
+def feature_layers(model: nn.Module, patterns: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """The Linear and Conv2d layers to guard: those matching `patterns` (fnmatch on module
+    names), by default every one whose input is the image's features."""
+    chosen = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        if patterns:
+            keep = any(fnmatch.fnmatch(name, p) for p in patterns)
+        else:
+            keep = not any(fnmatch.fnmatch(name, p) for p in NOT_IMAGE_INPUT)
+        if keep:
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                raise ValueError(f"{name}: grouped convolutions are not supported")
+            chosen[name] = module
+    if not chosen:
+        raise ValueError(f"no Linear or Conv2d layer matches {list(patterns) or 'the defaults'}")
+    return chosen
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(n, fan_in): what the layer's weight, flattened to (out, fan_in), multiplies."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def input_grams(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    x0: torch.Tensor,  # (N, C, H, W) clean model inputs (pixels in [-1, 1] or latents)
+    states: torch.Tensor,  # (N, L, d) caption states
+    scheduler,
+    draws: int = 4,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Per layer, the float64 Gram matrix of its inputs over `draws` noised copies of each image."""
+    generator = torch.Generator().manual_seed(seed)
+    grams: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module, inputs, _output):
+            rows = layer_rows(module, inputs[0].detach()).float()
+            gram = (rows.T @ rows).double()  # per batch in float32, summed in float64
+            grams[name] = grams[name] + gram if name in grams else gram
+
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in layers.items()]
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    try:
+        num_timesteps = scheduler.config.num_train_timesteps
+        for _ in range(draws):
+            for start in range(0, len(x0), batch_size):
+                clean = x0[start : start + batch_size]
+                noise = torch.randn(clean.shape, generator=generator)
+                t = torch.randint(0, num_timesteps, (len(clean),), generator=generator)
+                noisy = scheduler.add_noise(clean, noise, t)
+                model(
+                    noisy.to(device, dtype),
+                    t.to(device),
+                    encoder_hidden_states=states[start : start + batch_size].to(device, dtype),
+                )
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return grams
+
+
+def basis_from_gram(gram: torch.Tensor, energy: float) -> torch.Tensor:
+    """(fan_in, r) orthonormal: the top eigenvectors of a Gram matrix holding `energy` of its
+    trace (the right-singular vectors of the rows it sums, by singular value)."""
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    total = values.sum()
+    if total <= 0:
+        return vectors[:, :0].contiguous()
+    rank = int((torch.cumsum(values, 0) / total < energy).sum()) + 1
+    return vectors[:, :rank].contiguous()
+
+
+def concept_feature_bases(
+    concept_grams: dict[str, torch.Tensor],
+    anchor_grams: dict[str, torch.Tensor] | None,
+    energy: float,
+    anchor_energy: float,
+) -> dict[str, torch.Tensor]:
+    """Per layer: the concept's own directions, chosen by GPM's criterion. The directions holding
+    `anchor_energy` of the anchors' inputs are shared, not guarded (0: none); the concept's
+    inputs are projected off them, and the top directions of what remains are guarded until
+    shared and guarded directions together hold `energy` of the concept's input energy. A layer
+    whose concept inputs the shared directions already explain gets an empty basis."""
+    bases = {}
+    for name, gram in concept_grams.items():
+        total = float(gram.trace())
+        if anchor_grams is not None and anchor_energy > 0:
+            shared = basis_from_gram(anchor_grams[name], anchor_energy)
+            complement = torch.eye(len(gram), dtype=gram.dtype) - shared @ shared.T
+            gram = complement @ gram @ complement
+        needed = energy * total - (total - float(gram.trace()))  # still to explain
+        values, vectors = torch.linalg.eigh(gram)
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        rank = 0 if needed <= 0 else int((torch.cumsum(values, 0) < needed).sum()) + 1
+        bases[name] = vectors[:, : min(rank, len(values))].contiguous()
+    return bases
