@@ -8,7 +8,8 @@ audit` (METHODS.md section 1; the issue's evaluation table).
 - feature: the same in feature mode, subspaces from the held-out concept exemplars, measured
   again every FEATURE_REFRESH_STEPS steps; feature_static: measured once, at the start;
   feature_no_anchors: measured once and no directions left free for the anchors (METHODS.md's
-  plain GPM recipe: the directions holding 99% of the exemplars' input energy).
+  plain GPM recipe: the directions holding 99% of the exemplars' input energy); feature_output:
+  the loss gradients at each layer's output instead of its inputs, refreshed, anchors at 0.9.
 
 A training or audit run already present under `--runs` is reused, so the script can be resumed
 and arms can be added one by one. The step-time overhead of each defended arm against plain
@@ -50,6 +51,10 @@ def arm_settings(arm: str, data: Path) -> dict:
     arms = {"plain": {}, "oracle": {}, "text": projection, "feature": projection | feature}
     arms["feature_static"] = arms["feature"] | {"projection_refresh_steps": 0}
     arms["feature_no_anchors"] = arms["feature_static"] | {"projection_anchor_energy": 0.0}
+    arms["feature_output"] = arms["feature"] | {
+        "projection_side": "output",
+        "projection_anchor_energy": 0.9,
+    }
     return arms[arm]
 
 

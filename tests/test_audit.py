@@ -162,6 +162,7 @@ def test_descriptors_users_bring_as_torchscript(audited, shapes_dir, tmp_path) -
     quality = measured["inception_quality"]
     assert quality["feature_extractor"] == "inception" and quality["fid"] >= 0
     assert quality["num_real"] == 8 and quality["num_generated"] == 10
+    assert "(Inception features" in cli.audit_summary(measured)
 
 
 def test_a_missing_weights_file_names_its_flag(audited, shapes_dir, tmp_path) -> None:

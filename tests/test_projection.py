@@ -222,3 +222,27 @@ def test_refreshed_subspaces_grow_and_keep_the_certificate(shapes_dir: Path, tmp
     assert len(ranks) == 3  # at the start, then twice during the 6 steps
     assert ranks[0] > 0 and ranks[-1] > ranks[0]
     assert projection.report()["leak"] <= 1e-5
+
+
+def test_output_side_holds_what_each_layer_emits(shapes_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        shapes_dir / "train",
+        tmp_path / "output",
+        adam_weight_decay=0.1,
+        defense=("projection",),
+        concept=CONCEPT,
+        projection_mode="feature",
+        projection_side="output",
+        concept_exemplars=str(shapes_dir / "concept_exemplars"),
+        projection_anchor_energy=0.0,
+    )
+    projection = build_defenses(config)[0]
+    Trainer(config, [projection]).train()
+    assert projection.report()["side"] == "output"
+    assert projection.report()["leak"] <= 1e-5
+    for name in ("conv_in", "conv_out"):
+        weight = projection.weights[f"{name}.weight"].param
+        basis = projection.bases[f"{name}.weight"].float()
+        held = projection.anchor[f"{name}.weight"].float()  # U^T W_0, transposed
+        assert torch.allclose(basis.T @ weight.detach().flatten(1), held.T, atol=1e-5)
+        assert f"{name}.bias" in projection.weights

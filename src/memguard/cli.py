@@ -182,6 +182,12 @@ def audit_summary(results: dict) -> str:
             f"  similarity ({s['descriptor']}): mean {s['mean']:.3f}, p95 {s['p95']:.3f}, "
             f"> 0.5: {s['above_0.5']:.1%}"
         )
+    if "inception_quality" in results:
+        quality = results["inception_quality"]
+        lines.append(
+            f"  quality: FID {quality['fid']:.3f}, KID {quality['kid_mean']:.4f} "
+            f"(Inception features, against {quality['reference']})"
+        )
     benchmark = results.get("benchmark")
     if benchmark:
         accuracy = ", ".join(

@@ -200,6 +200,11 @@ class TrainConfig:
     projection_layers: tuple[str, ...] = option(
         (), "projection, feature mode: layer name patterns to guard (default: all image layers)"
     )
+    projection_side: str = option(
+        "input",
+        "projection, feature mode: guard each layer's input directions or its output (error) ones",
+        choices=("input", "output"),
+    )
     projection_refresh_steps: int = option(
         0, "projection, feature mode: re-measure the exemplars every N steps, add new directions"
     )

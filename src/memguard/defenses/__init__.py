@@ -20,6 +20,7 @@ def build_defenses(config: TrainConfig) -> list[Defense]:
             layers=config.projection_layers,
             anchor_energy=config.projection_anchor_energy,
             refresh_steps=config.projection_refresh_steps,
+            side=config.projection_side,
         ),
     }
     return [makers[name]() for name in config.defense]

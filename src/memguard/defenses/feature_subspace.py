@@ -9,8 +9,12 @@ linear layer, the im2col patches of a convolution. Remove the directions that im
 the concept share (anchors), then keep the directions holding `energy` of what remains. The
 result U_l per layer is what ConceptProjection projects gradients and updates off.
 
-Inputs are accumulated as Gram matrices X^T X (fan_in x fan_in), so memory does not grow with
-the number of exemplars or spatial positions.
+The output side measures instead the error signals g (the denoising loss's gradient at each
+layer's output, one row per position) on the exemplars and anchors, by the same criterion:
+guarding those directions keeps a layer from changing what it emits along them.
+
+Both are accumulated as Gram matrices (fan_in x fan_in, or out x out), so memory does not grow
+with the number of exemplars or spatial positions.
 """
 
 from __future__ import annotations
@@ -95,6 +99,66 @@ def input_grams(
                     t.to(device),
                     encoder_hidden_states=states[start : start + batch_size].to(device, dtype),
                 )
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return grams
+
+
+def output_grams(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    x0: torch.Tensor,  # (N, C, H, W) clean model inputs (pixels in [-1, 1] or latents)
+    states: torch.Tensor,  # (N, L, d) caption states
+    scheduler,
+    draws: int = 4,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Per layer, the float64 Gram matrix (out x out) of the denoising loss's gradient at its
+    output, one row per position: the error signals g that its weight would learn from as g x^T.
+    Nothing is accumulated into the parameters' .grad."""
+    from memguard.diffusion import per_sample_loss
+
+    generator = torch.Generator().manual_seed(seed)
+    grams: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, grad: torch.Tensor) -> None:
+        if grad.dim() == 4:  # convolution: channels at every position
+            rows = grad.movedim(1, -1).reshape(-1, grad.shape[1])
+        else:
+            rows = grad.reshape(-1, grad.shape[-1])
+        gram = (rows.float().T @ rows.float()).double()
+        grams[name] = grams[name] + gram if name in grams else gram
+
+    def record(name: str):
+        def hook(module, inputs, output):
+            if output.requires_grad:
+                output.register_hook(lambda grad: accumulate(name, grad.detach()))
+
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in layers.items()]
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    weights = [module.weight for module in layers.values()]
+    was_training = model.training
+    model.eval()
+    try:
+        num_timesteps = scheduler.config.num_train_timesteps
+        for _ in range(draws):
+            for start in range(0, len(x0), batch_size):
+                clean = x0[start : start + batch_size]
+                noise = torch.randn(clean.shape, generator=generator)
+                t = torch.randint(0, num_timesteps, (len(clean),), generator=generator)
+                with torch.enable_grad():  # also when called under no_grad
+                    loss = per_sample_loss(
+                        model, scheduler, clean.to(device, dtype),
+                        states[start : start + batch_size].to(device, dtype),
+                        t.to(device), noise.to(device, dtype),
+                    ).mean()  # fmt: skip
+                    torch.autograd.grad(loss, weights)
     finally:
         for handle in handles:
             handle.remove()

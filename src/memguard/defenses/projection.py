@@ -37,7 +37,12 @@ from torch import nn
 
 from memguard.data.folder import ImageFolderDataset
 from memguard.data.text import TextEncoder
-from memguard.defenses.feature_subspace import concept_feature_bases, feature_layers, input_grams
+from memguard.defenses.feature_subspace import (
+    concept_feature_bases,
+    feature_layers,
+    input_grams,
+    output_grams,
+)
 from memguard.diffusion import to_latents
 from memguard.train.hooks import Defense, TrainingContext
 
@@ -113,12 +118,27 @@ def concept_subspace(
     return energy_basis(vectors, energy)
 
 
+def rows_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight (or its gradient) as the matrix whose rows meet its inputs: (out, fan_in)."""
+    return tensor.view(len(tensor), -1)
+
+
+def columns_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight (or its gradient) as the matrix whose rows meet the layer's outputs: (fan_in, out),
+    a view; a bias becomes one row."""
+    return tensor.view(len(tensor), -1).T
+
+
 @dataclass
 class Guarded:
-    """A weight to project, and the text-facing weight it changes (itself, or W + s B A)."""
+    """A weight to project, and the text-facing weight it changes (itself, or W + s B A).
+
+    `matrix` views the parameter (or its gradient) as the matrix M that the subspace basis U
+    multiplies from the right: M <- M (I - U U^T) projects, M U = M_0 U is the invariant."""
 
     param: nn.Parameter  # receives the projected gradients and updates
-    effective: Callable[[], torch.Tensor]  # (out, d): the weight that multiplies the text
+    effective: Callable[[], torch.Tensor]  # M of the weight as it acts (base + LoRA delta)
+    matrix: Callable[[torch.Tensor], torch.Tensor] = rows_of
 
 
 def guarded_weights(model: nn.Module) -> dict[str, Guarded]:
@@ -168,6 +188,7 @@ class ConceptProjection(Defense):
         anchor_energy: float = 0.99,
         bases: dict[str, torch.Tensor] | None = None,
         refresh_steps: int = 0,
+        side: str = "input",
     ) -> None:
         """Text mode: give the `basis` (d, r), or the `concepts` to build it from at `setup` with
         the run's text encoder and training captions. Feature mode: give `bases` (module name ->
@@ -175,7 +196,10 @@ class ConceptProjection(Defense):
         --defense projection --projection_mode feature` does). With `refresh_steps`, feature
         mode measures the exemplars again with the current model every that many steps and adds
         the concept's new directions to each layer's subspace (GPM's memory update), so that
-        features the model builds for the concept during training are guarded too."""
+        features the model builds for the concept during training are guarded too. `side`
+        "output" guards, instead of the inputs' directions, the directions of the loss gradient
+        at each layer's output (its error signals) on the exemplars: the layer's weight and bias
+        cannot change what it emits along them, whatever its input."""
         if mode not in ("text", "feature"):
             raise ValueError(f"projection mode must be 'text' or 'feature', not {mode!r}")
         if mode == "text" and basis is None and not concepts:
@@ -188,6 +212,9 @@ class ConceptProjection(Defense):
         self.concepts, self.energy, self.anchors = tuple(concepts), energy, tuple(anchors)
         self.exemplars, self.layers, self.anchor_energy = exemplars, tuple(layers), anchor_energy
         self.refresh_steps = refresh_steps
+        if side not in ("input", "output"):
+            raise ValueError(f"projection side must be 'input' or 'output', not {side!r}")
+        self.side = side
         self.refresh_seconds: list[float] = []  # wall time of each re-measurement
         self._layers: dict[str, nn.Module] = {}
         self.weights: dict[str, Guarded] = {}
@@ -230,18 +257,15 @@ class ConceptProjection(Defense):
             for name, module in feature_layers(model, self.layers).items()
             if module.weight.requires_grad
         }
-        if self.refresh_steps and self.layer_bases is None:  # every layer may gain directions
-            self.layer_bases = {
-                name: torch.zeros(m.weight[0].numel(), 0, dtype=torch.float64)
-                for name, m in layers.items()
-            }
-            self.refresh(model, ctx)
         if self.layer_bases is None:
             if ctx is None or ctx.text_encoder is None or ctx.scheduler is None:
                 raise ValueError("building feature subspaces needs the run's encoder and scheduler")
-            self.layer_bases = exemplar_bases(
-                model, layers, ctx, self.exemplars, self.concepts, self.energy, self.anchor_energy
-            )
+            width = rows_of if self.side == "input" else columns_of
+            self.layer_bases = {
+                name: torch.zeros(width(m.weight).shape[1], 0, dtype=torch.float64)
+                for name, m in layers.items()
+            }
+            self.refresh(model, ctx)  # the first measurement
         missing = sorted(set(self.layer_bases) - set(layers))
         if missing:
             raise ValueError(f"feature bases for layers the model lacks: {missing[:5]}")
@@ -251,11 +275,17 @@ class ConceptProjection(Defense):
             for name, u in self.layer_bases.items()
             if u.shape[1] or keep_empty
         }
-        self.weights = {
-            f"{name}.weight": Guarded(weight, lambda w=weight: w.flatten(1))
-            for name, weight in weights.items()
-        }
-        self.bases = {f"{name}.weight": self.layer_bases[name] for name in weights}
+        self.weights, self.bases = {}, {}
+        for name, weight in weights.items():
+            if self.side == "input":
+                self.weights[f"{name}.weight"] = Guarded(weight, lambda w=weight: rows_of(w))
+                self.bases[f"{name}.weight"] = self.layer_bases[name]
+                continue
+            bias = layers[name].bias  # the output side moves the bias too
+            for param in (weight, bias) if bias is not None else (weight,):
+                key = f"{name}.{'weight' if param is weight else 'bias'}"
+                self.weights[key] = Guarded(param, lambda p=param: columns_of(p), columns_of)
+                self.bases[key] = self.layer_bases[name]
 
     def setup(self, model: nn.Module, optimizer, ctx: TrainingContext | None = None) -> None:
         if self.mode == "text":
@@ -264,16 +294,17 @@ class ConceptProjection(Defense):
             self._feature_weights(ctx, model)
         for name, guarded in self.weights.items():
             weight, basis = guarded.param, self.bases[name]
-            if weight[0].numel() != basis.shape[0]:
+            width = guarded.matrix(weight).shape[1]
+            if width != basis.shape[0]:
                 raise ValueError(
-                    f"{name}: input width {weight[0].numel()} != subspace width {basis.shape[0]} "
+                    f"{name}: width {width} != subspace width {basis.shape[0]} "
                     "(was the subspace built with this model and text encoder?)"
                 )
             with torch.no_grad():
                 u = basis.to(weight.device)
                 if ".lora_A." in name:  # LoRA: start A inside the complement
                     weight -= ((weight.double() @ u) @ u.T).to(weight.dtype)
-                self.anchor[name] = (weight.flatten(1).double() @ u).clone()
+                self.anchor[name] = (guarded.matrix(weight).double() @ u).clone()
                 self.effective_anchor[name] = (guarded.effective().double() @ u).clone()
         self._place_bases()
 
@@ -292,14 +323,14 @@ class ConceptProjection(Defense):
             grad = guarded.param.grad
             if grad is not None:
                 u = self._u[name]
-                flat = grad.view(len(grad), -1)
+                flat = guarded.matrix(grad)
                 flat -= (flat @ u) @ u.T
 
     @torch.no_grad()
     def restore_subspace(self) -> None:
         """W <- W + (W_0 U - W U) U^T: the weights do not move on the concept's subspace."""
         for name, guarded in self.weights.items():
-            weight = guarded.param.view(len(guarded.param), -1)
+            weight = guarded.matrix(guarded.param)
             u = self._u64[name]
             drift = self.anchor[name] - weight.double() @ u
             weight += (drift @ u.T).to(weight.dtype)
@@ -318,8 +349,9 @@ class ConceptProjection(Defense):
         and that the subspace lacks; each new direction is held at the weight it has now."""
         start = time.perf_counter()
         found = exemplar_bases(
-            model, self._layers, ctx, self.exemplars, self.concepts, self.energy, self.anchor_energy
-        )
+            model, self._layers, ctx, self.exemplars, self.concepts, self.energy,
+            self.anchor_energy, self.side,
+        )  # fmt: skip
         for layer, new in found.items():
             old = self.layer_bases[layer]
             fresh = new - old @ (old.T @ new)
@@ -328,12 +360,14 @@ class ConceptProjection(Defense):
                 continue
             fresh = torch.linalg.qr(fresh - old @ (old.T @ fresh))[0]
             self.layer_bases[layer] = torch.cat([old, fresh], dim=1)
-            name = f"{layer}.weight"
-            if name in self.weights:  # training has started: anchor the new directions now
-                guarded = self.weights[name]
-                held = guarded.param.flatten(1).double() @ fresh.to(guarded.param.device)
+            for name in (f"{layer}.weight", f"{layer}.bias"):
+                if name not in self.weights:  # not set up yet, or no bias
+                    continue
+                guarded = self.weights[name]  # training has started: hold the new directions
+                fresh_here = fresh.to(guarded.param.device)
+                held = guarded.matrix(guarded.param).double() @ fresh_here
                 self.anchor[name] = torch.cat([self.anchor[name], held], dim=1)
-                effective = guarded.effective().double() @ fresh.to(guarded.param.device)
+                effective = guarded.effective().double() @ fresh_here
                 self.effective_anchor[name] = torch.cat([self.effective_anchor[name], effective], 1)
                 self.bases[name] = self.layer_bases[layer]
         if self.weights:
@@ -406,6 +440,7 @@ class ConceptProjection(Defense):
         ranks = [int(u.shape[1]) for u in self.bases.values()]
         return {
             "mode": self.mode,
+            **({"side": self.side} if self.mode == "feature" else {}),
             "concepts": list(self.concepts),
             "subspace_rank": max(ranks, default=0),
             "subspace_rank_total": sum(ranks),
@@ -423,9 +458,11 @@ def exemplar_bases(
     concepts: tuple[str, ...],
     energy: float,
     anchor_energy: float,
+    side: str = "input",
 ) -> dict[str, torch.Tensor]:
     """Feature-mode subspaces from a folder of concept exemplars; anchors are as many training
-    images whose captions name none of the concepts (seeded choice)."""
+    images whose captions name none of the concepts (seeded choice). `side`: the layers' inputs
+    or the loss gradients at their outputs."""
     config = ctx.config
     folder = ImageFolderDataset(exemplars, config.resolution)
     dataset = ctx.dataset
@@ -438,7 +475,8 @@ def exemplar_bases(
         if ctx.vae is not None:
             x0 = to_latents(ctx.vae, x0.to(ctx.vae.device)).cpu()
         states = ctx.text_encoder.encode([images.captions[i] for i in indices])
-        return input_grams(model, layers, x0, states, ctx.scheduler, seed=config.seed)
+        measure = input_grams if side == "input" else output_grams
+        return measure(model, layers, x0, states, ctx.scheduler, seed=config.seed)
 
     concept = grams(folder, list(range(len(folder))))
     anchor = grams(dataset, anchors)

@@ -60,6 +60,10 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
         rows.append(
             ("similarity to nearest training image, mean", f"{results['similarity']['mean']:.3f}")
         )
+    if "inception_quality" in results:
+        quality = results["inception_quality"]
+        rows.append(("FID (Inception features)", f"{quality['fid']:.3f}"))
+        rows.append(("KID (Inception features)", f"{quality['kid_mean']:.4f}"))
     benchmark = results.get("benchmark")
     if benchmark:
         rows.append(("FID (judge features)", f"{benchmark['quality']['fid']:.3f}"))
