@@ -175,15 +175,24 @@ def test_directions_the_anchors_share_are_not_guarded() -> None:
     assert inside.shape[1] == 0
 
 
-def test_feature_mode_certificate_on_convolutions(shapes_dir: Path, tmp_path: Path) -> None:
-    config = tiny_config(
+def feature_config(shapes_dir: Path, output: Path, **overrides):
+    """Tiny training run with feature-mode projection on the benchmark's exemplars."""
+    return tiny_config(
         shapes_dir / "train",
-        tmp_path / "feature",
+        output,
         adam_weight_decay=0.1,
         defense=("projection",),
         concept=CONCEPT,
         projection_mode="feature",
         concept_exemplars=str(shapes_dir / "concept_exemplars"),
+        **overrides,
+    )
+
+
+def test_feature_mode_certificate_on_convolutions(shapes_dir: Path, tmp_path: Path) -> None:
+    config = feature_config(
+        shapes_dir,
+        tmp_path / "feature",
         projection_anchor_energy=0.0,  # no directions left free: every layer gets a subspace
     )
     projection = build_defenses(config)[0]
@@ -198,15 +207,10 @@ def test_feature_mode_certificate_on_convolutions(shapes_dir: Path, tmp_path: Pa
 
 
 def test_refreshed_subspaces_grow_and_keep_the_certificate(shapes_dir: Path, tmp_path: Path):
-    config = tiny_config(
-        shapes_dir / "train",
+    config = feature_config(
+        shapes_dir,
         tmp_path / "refresh",
-        adam_weight_decay=0.1,
         learning_rate=1e-2,
-        defense=("projection",),
-        concept=CONCEPT,
-        projection_mode="feature",
-        concept_exemplars=str(shapes_dir / "concept_exemplars"),
         projection_refresh_steps=2,
     )
     projection = build_defenses(config)[0]
@@ -225,15 +229,10 @@ def test_refreshed_subspaces_grow_and_keep_the_certificate(shapes_dir: Path, tmp
 
 
 def test_output_side_holds_what_each_layer_emits(shapes_dir: Path, tmp_path: Path) -> None:
-    config = tiny_config(
-        shapes_dir / "train",
+    config = feature_config(
+        shapes_dir,
         tmp_path / "output",
-        adam_weight_decay=0.1,
-        defense=("projection",),
-        concept=CONCEPT,
-        projection_mode="feature",
         projection_side="output",
-        concept_exemplars=str(shapes_dir / "concept_exemplars"),
         projection_anchor_energy=0.0,
     )
     projection = build_defenses(config)[0]

@@ -20,10 +20,13 @@ with the number of exemplars or spatial positions.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from memguard.diffusion import per_sample_loss
 
 # Layers whose input is not the image's features: the text (cross-attention keys and values,
 # text mode's business) and the timestep embedding.
@@ -58,88 +61,29 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-@torch.no_grad()
-def input_grams(
+def _add_gram(grams: dict[str, torch.Tensor], name: str, rows: torch.Tensor) -> None:
+    rows = rows.detach().float()
+    gram = (rows.T @ rows).double()  # per batch in float32, summed in float64
+    grams[name] = grams[name] + gram if name in grams else gram
+
+
+def _run_on_noised(
     model: nn.Module,
     layers: dict[str, nn.Module],
-    x0: torch.Tensor,  # (N, C, H, W) clean model inputs (pixels in [-1, 1] or latents)
-    states: torch.Tensor,  # (N, L, d) caption states
+    hook: Callable[[str], Callable],
+    x0: torch.Tensor,
+    states: torch.Tensor,
     scheduler,
-    draws: int = 4,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> dict[str, torch.Tensor]:
-    """Per layer, the float64 Gram matrix of its inputs over `draws` noised copies of each image."""
+    draws: int,
+    seed: int,
+    batch_size: int,
+    backward: bool,
+) -> None:
+    """Run the model, with `hook(name)` as each layer's forward hook, on `draws` noised copies
+    of every image (random timesteps, as in training); with `backward`, also backpropagate the
+    denoising loss to the layers' weights (through autograd.grad: no .grad is touched)."""
     generator = torch.Generator().manual_seed(seed)
-    grams: dict[str, torch.Tensor] = {}
-
-    def record(name: str):
-        def hook(module, inputs, _output):
-            rows = layer_rows(module, inputs[0].detach()).float()
-            gram = (rows.T @ rows).double()  # per batch in float32, summed in float64
-            grams[name] = grams[name] + gram if name in grams else gram
-
-        return hook
-
-    handles = [module.register_forward_hook(record(name)) for name, module in layers.items()]
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    was_training = model.training
-    model.eval()
-    try:
-        num_timesteps = scheduler.config.num_train_timesteps
-        for _ in range(draws):
-            for start in range(0, len(x0), batch_size):
-                clean = x0[start : start + batch_size]
-                noise = torch.randn(clean.shape, generator=generator)
-                t = torch.randint(0, num_timesteps, (len(clean),), generator=generator)
-                noisy = scheduler.add_noise(clean, noise, t)
-                model(
-                    noisy.to(device, dtype),
-                    t.to(device),
-                    encoder_hidden_states=states[start : start + batch_size].to(device, dtype),
-                )
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return grams
-
-
-def output_grams(
-    model: nn.Module,
-    layers: dict[str, nn.Module],
-    x0: torch.Tensor,  # (N, C, H, W) clean model inputs (pixels in [-1, 1] or latents)
-    states: torch.Tensor,  # (N, L, d) caption states
-    scheduler,
-    draws: int = 4,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> dict[str, torch.Tensor]:
-    """Per layer, the float64 Gram matrix (out x out) of the denoising loss's gradient at its
-    output, one row per position: the error signals g that its weight would learn from as g x^T.
-    Nothing is accumulated into the parameters' .grad."""
-    from memguard.diffusion import per_sample_loss
-
-    generator = torch.Generator().manual_seed(seed)
-    grams: dict[str, torch.Tensor] = {}
-
-    def accumulate(name: str, grad: torch.Tensor) -> None:
-        if grad.dim() == 4:  # convolution: channels at every position
-            rows = grad.movedim(1, -1).reshape(-1, grad.shape[1])
-        else:
-            rows = grad.reshape(-1, grad.shape[-1])
-        gram = (rows.float().T @ rows.float()).double()
-        grams[name] = grams[name] + gram if name in grams else gram
-
-    def record(name: str):
-        def hook(module, inputs, output):
-            if output.requires_grad:
-                output.register_hook(lambda grad: accumulate(name, grad.detach()))
-
-        return hook
-
-    handles = [module.register_forward_hook(record(name)) for name, module in layers.items()]
+    handles = [module.register_forward_hook(hook(name)) for name, module in layers.items()]
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     weights = [module.weight for module in layers.values()]
@@ -152,17 +96,54 @@ def output_grams(
                 clean = x0[start : start + batch_size]
                 noise = torch.randn(clean.shape, generator=generator)
                 t = torch.randint(0, num_timesteps, (len(clean),), generator=generator)
-                with torch.enable_grad():  # also when called under no_grad
+                with torch.set_grad_enabled(backward):
                     loss = per_sample_loss(
                         model, scheduler, clean.to(device, dtype),
                         states[start : start + batch_size].to(device, dtype),
                         t.to(device), noise.to(device, dtype),
                     ).mean()  # fmt: skip
-                    torch.autograd.grad(loss, weights)
+                    if backward:
+                        torch.autograd.grad(loss, weights)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+
+
+def layer_grams(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    x0: torch.Tensor,  # (N, C, H, W) clean model inputs (pixels in [-1, 1] or latents)
+    states: torch.Tensor,  # (N, L, d) caption states
+    scheduler,
+    side: str = "input",
+    draws: int = 4,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Per layer, a float64 Gram matrix over `draws` noised copies of each image: of its inputs
+    (side "input", fan_in x fan_in), or of the denoising loss's gradient at its output, one row
+    per position (side "output", out x out): the error signals g it would learn from as g x^T."""
+    grams: dict[str, torch.Tensor] = {}
+
+    def channels_last(grad: torch.Tensor) -> torch.Tensor:
+        if grad.dim() == 4:  # convolution: channels at every position
+            return grad.movedim(1, -1).reshape(-1, grad.shape[1])
+        return grad.reshape(-1, grad.shape[-1])
+
+    def record_input(name: str):
+        return lambda module, inputs, _output: _add_gram(grams, name, layer_rows(module, inputs[0]))
+
+    def record_output(name: str):
+        def hook(module, inputs, output):
+            if output.requires_grad:
+                output.register_hook(lambda grad: _add_gram(grams, name, channels_last(grad)))
+
+        return hook
+
+    backward = side == "output"
+    record = record_output if backward else record_input
+    _run_on_noised(model, layers, record, x0, states, scheduler, draws, seed, batch_size, backward)
     return grams
 
 

@@ -37,12 +37,7 @@ from torch import nn
 
 from memguard.data.folder import ImageFolderDataset
 from memguard.data.text import TextEncoder
-from memguard.defenses.feature_subspace import (
-    concept_feature_bases,
-    feature_layers,
-    input_grams,
-    output_grams,
-)
+from memguard.defenses.feature_subspace import concept_feature_bases, feature_layers, layer_grams
 from memguard.diffusion import to_latents
 from memguard.train.hooks import Defense, TrainingContext
 
@@ -475,8 +470,7 @@ def exemplar_bases(
         if ctx.vae is not None:
             x0 = to_latents(ctx.vae, x0.to(ctx.vae.device)).cpu()
         states = ctx.text_encoder.encode([images.captions[i] for i in indices])
-        measure = input_grams if side == "input" else output_grams
-        return measure(model, layers, x0, states, ctx.scheduler, seed=config.seed)
+        return layer_grams(model, layers, x0, states, ctx.scheduler, side, seed=config.seed)
 
     concept = grams(folder, list(range(len(folder))))
     anchor = grams(dataset, anchors)
