@@ -38,6 +38,8 @@ from memguard.train.trainer import Trainer
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "benchmark.yaml"
 FEATURE_REFRESH_STEPS = 200
+ARMS = ("plain", "oracle", "text", "feature_static", "feature", "feature_no_anchors",
+        "feature_output")  # fmt: skip
 
 
 def arm_settings(arm: str, data: Path) -> dict:
@@ -176,9 +178,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("runs/bench/data"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench"))
     parser.add_argument("--config", type=Path, default=CONFIG)
-    parser.add_argument(
-        "--arms", nargs="+", default=["plain", "oracle", "text", "feature_static", "feature"]
-    )
+    parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--overhead_steps", type=int, default=40)
     parser.add_argument("--overhead_repeats", type=int, default=3, help="0: skip the timing")
     parser.add_argument("--output", type=Path, default=Path("runs/bench/projection_eval.json"))
