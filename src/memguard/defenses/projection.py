@@ -132,8 +132,18 @@ class Guarded:
     multiplies from the right: M <- M (I - U U^T) projects, M U = M_0 U is the invariant."""
 
     param: nn.Parameter  # receives the projected gradients and updates
-    effective: Callable[[], torch.Tensor]  # M of the weight as it acts (base + LoRA delta)
     matrix: Callable[[torch.Tensor], torch.Tensor] = rows_of
+    lora_weight: Callable[[], torch.Tensor] | None = None  # base + s B A, when param is A
+
+    def acting(self) -> torch.Tensor:
+        """M of the weight as it acts on the layer's input (base + LoRA delta under LoRA)."""
+        return self.lora_weight() if self.lora_weight is not None else self.matrix(self.param)
+
+    @torch.no_grad()
+    def held(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M U, M_acting U) in float64: what the invariant and the certificate hold fixed."""
+        u = u.to(self.param.device, torch.float64)
+        return self.matrix(self.param).double() @ u, self.acting().double() @ u
 
 
 def guarded_weights(model: nn.Module) -> dict[str, Guarded]:
@@ -149,13 +159,14 @@ def guarded_weights(model: nn.Module) -> dict[str, Guarded]:
         if lora is not None and len(lora) > 0:
             for adapter, layer in lora.items():
 
-                def effective(module=module, adapter=adapter) -> torch.Tensor:
+                def lora_weight(module=module, adapter=adapter) -> torch.Tensor:
                     delta = module.lora_B[adapter].weight @ module.lora_A[adapter].weight
                     return module.base_layer.weight + module.scaling[adapter] * delta
 
-                found[f"{name}.lora_A.{adapter}.weight"] = Guarded(layer.weight, effective)
+                key = f"{name}.lora_A.{adapter}.weight"
+                found[key] = Guarded(layer.weight, lora_weight=lora_weight)
         else:
-            found[f"{name}.weight"] = Guarded(module.weight, lambda w=module.weight: w)
+            found[f"{name}.weight"] = Guarded(module.weight)
     if not found:
         raise ValueError("no cross-attention key/value weights (attn2.to_k / attn2.to_v) found")
     return found
@@ -212,6 +223,7 @@ class ConceptProjection(Defense):
         self.side = side
         self.refresh_seconds: list[float] = []  # wall time of each re-measurement
         self._layers: dict[str, nn.Module] = {}
+        self._images: tuple[MeasuredImages, MeasuredImages | None] | None = None
         self.weights: dict[str, Guarded] = {}
         self.bases: dict[str, torch.Tensor] = {}  # per guarded parameter, (fan_in, r)
         self.anchor: dict[str, torch.Tensor] = {}  # P_0 U per projected parameter P
@@ -273,13 +285,13 @@ class ConceptProjection(Defense):
         self.weights, self.bases = {}, {}
         for name, weight in weights.items():
             if self.side == "input":
-                self.weights[f"{name}.weight"] = Guarded(weight, lambda w=weight: rows_of(w))
+                self.weights[f"{name}.weight"] = Guarded(weight)
                 self.bases[f"{name}.weight"] = self.layer_bases[name]
                 continue
             bias = layers[name].bias  # the output side moves the bias too
             for param in (weight, bias) if bias is not None else (weight,):
                 key = f"{name}.{'weight' if param is weight else 'bias'}"
-                self.weights[key] = Guarded(param, lambda p=param: columns_of(p), columns_of)
+                self.weights[key] = Guarded(param, columns_of)
                 self.bases[key] = self.layer_bases[name]
 
     def setup(self, model: nn.Module, optimizer, ctx: TrainingContext | None = None) -> None:
@@ -299,8 +311,7 @@ class ConceptProjection(Defense):
                 u = basis.to(weight.device)
                 if ".lora_A." in name:  # LoRA: start A inside the complement
                     weight -= ((weight.double() @ u) @ u.T).to(weight.dtype)
-                self.anchor[name] = (guarded.matrix(weight).double() @ u).clone()
-                self.effective_anchor[name] = (guarded.effective().double() @ u).clone()
+                self.anchor[name], self.effective_anchor[name] = guarded.held(basis)
         self._place_bases()
 
     def _place_bases(self) -> None:
@@ -343,10 +354,13 @@ class ConceptProjection(Defense):
         """Feature mode: add the directions the exemplars' inputs take under the current weights
         and that the subspace lacks; each new direction is held at the weight it has now."""
         start = time.perf_counter()
+        if self._images is None:  # decoded and encoded once, measured at every refresh
+            self._images = exemplar_images(
+                ctx, self.exemplars, self.concepts, with_anchors=self.anchor_energy > 0
+            )
         found = exemplar_bases(
-            model, self._layers, ctx, self.exemplars, self.concepts, self.energy,
-            self.anchor_energy, self.side,
-        )  # fmt: skip
+            model, self._layers, ctx, self._images, self.energy, self.anchor_energy, self.side
+        )
         for layer, new in found.items():
             old = self.layer_bases[layer]
             fresh = new - old @ (old.T @ new)
@@ -358,12 +372,10 @@ class ConceptProjection(Defense):
             for name in (f"{layer}.weight", f"{layer}.bias"):
                 if name not in self.weights:  # not set up yet, or no bias
                     continue
-                guarded = self.weights[name]  # training has started: hold the new directions
-                fresh_here = fresh.to(guarded.param.device)
-                held = guarded.matrix(guarded.param).double() @ fresh_here
+                # training has started: hold the new directions at the weight they meet now
+                held, acting = self.weights[name].held(fresh)
                 self.anchor[name] = torch.cat([self.anchor[name], held], dim=1)
-                effective = guarded.effective().double() @ fresh_here
-                self.effective_anchor[name] = torch.cat([self.effective_anchor[name], effective], 1)
+                self.effective_anchor[name] = torch.cat([self.effective_anchor[name], acting], 1)
                 self.bases[name] = self.layer_bases[layer]
         if self.weights:
             self._place_bases()
@@ -405,8 +417,8 @@ class ConceptProjection(Defense):
             if u.shape[1] == 0:
                 continue
             b = self.effective_anchor[name]  # W_0 U
-            effective = guarded.effective().double()
-            a = effective @ u.to(effective.device) - b  # (W - W_0) U
+            acting = guarded.acting().double()
+            a = acting @ u.to(acting.device) - b  # (W - W_0) U
             _, singular, vh = torch.linalg.svd(b, full_matrices=True)
             responds = int((singular > 1e-6 * singular[0]).sum())
             on_range = a @ vh[:responds].T / singular[:responds]  # c = V S^-1 z, ||W_0 c|| = ||z||
@@ -421,57 +433,83 @@ class ConceptProjection(Defense):
             "bases": dict(self.bases),
             "anchor": dict(self.anchor),
             "effective_anchor": dict(self.effective_anchor),
+            "layer_bases": dict(self.layer_bases or {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.bases = dict(state["bases"])
         self.anchor = dict(state["anchor"])
         self.effective_anchor = dict(state["effective_anchor"])
-        if self.mode == "feature":
-            self.layer_bases = {name.removesuffix(".weight"): u for name, u in self.bases.items()}
+        if self.mode == "feature":  # every layer's subspace, empty ones included
+            self.layer_bases = dict(state["layer_bases"])
         self._place_bases()
 
     def report(self) -> dict:
-        ranks = [int(u.shape[1]) for u in self.bases.values()]
+        # one subspace per layer (a bias shares its weight's), or one for all text-facing weights
+        subspaces = self.layer_bases if self.mode == "feature" else {"text": self.basis}
+        ranks = [int(u.shape[1]) for u in (subspaces or {}).values() if u is not None]
         return {
             "mode": self.mode,
             **({"side": self.side} if self.mode == "feature" else {}),
             "concepts": list(self.concepts),
             "subspace_rank": max(ranks, default=0),
             "subspace_rank_total": sum(ranks),
+            "subspace_width_total": sum(
+                int(u.shape[0]) for u in (subspaces or {}).values() if u is not None
+            ),  # fmt: skip
             "guarded_weights": len(self.weights),
             "leak": self.leak() if self.weights else None,
             **({"refresh_seconds": self.refresh_seconds} if self.refresh_steps else {}),
         }
 
 
+@dataclass
+class MeasuredImages:
+    """Images the feature subspaces are measured on, as the model takes them."""
+
+    x0: torch.Tensor  # (N, C, H, W) pixels in [-1, 1], or VAE latents
+    states: torch.Tensor  # (N, L, d) their caption states
+
+
+def exemplar_images(
+    ctx: TrainingContext, exemplars: str, concepts: tuple[str, ...], with_anchors: bool
+) -> tuple[MeasuredImages, MeasuredImages | None]:
+    """The concept exemplars (a folder) and, `with_anchors`, as many training images whose
+    captions name none of the concepts (seeded choice)."""
+
+    def measured(images: ImageFolderDataset, indices: list[int]) -> MeasuredImages:
+        x0 = torch.stack([images[i]["pixel_values"] for i in indices])
+        if ctx.vae is not None:
+            x0 = to_latents(ctx.vae, x0.to(ctx.vae.device)).cpu()
+        return MeasuredImages(x0, ctx.text_encoder.encode([images.captions[i] for i in indices]))
+
+    folder = ImageFolderDataset(exemplars, ctx.config.resolution)
+    concept = measured(folder, list(range(len(folder))))
+    if not with_anchors:
+        return concept, None
+    captions = ctx.dataset.captions
+    plain = [i for i, c in enumerate(captions) if not any(k in c for k in concepts)]
+    order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(ctx.config.seed))
+    return concept, measured(ctx.dataset, [plain[i] for i in order[: len(folder)].tolist()])
+
+
 def exemplar_bases(
     model: nn.Module,
     layers: dict[str, nn.Module],
     ctx: TrainingContext,
-    exemplars: str,
-    concepts: tuple[str, ...],
+    images: tuple[MeasuredImages, MeasuredImages | None],
     energy: float,
     anchor_energy: float,
     side: str = "input",
 ) -> dict[str, torch.Tensor]:
-    """Feature-mode subspaces from a folder of concept exemplars; anchors are as many training
-    images whose captions name none of the concepts (seeded choice). `side`: the layers' inputs
-    or the loss gradients at their outputs."""
-    config = ctx.config
-    folder = ImageFolderDataset(exemplars, config.resolution)
-    dataset = ctx.dataset
-    plain = [i for i, c in enumerate(dataset.captions) if not any(k in c for k in concepts)]
-    order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(config.seed))
-    anchors = [plain[i] for i in order[: len(folder)].tolist()]
+    """Feature-mode subspaces from (exemplars, anchors) measured with the model as it is now.
+    `side`: the layers' inputs or the loss gradients at their outputs."""
 
-    def grams(images: ImageFolderDataset, indices: list[int]) -> dict[str, torch.Tensor]:
-        x0 = torch.stack([images[i]["pixel_values"] for i in indices])
-        if ctx.vae is not None:
-            x0 = to_latents(ctx.vae, x0.to(ctx.vae.device)).cpu()
-        states = ctx.text_encoder.encode([images.captions[i] for i in indices])
-        return layer_grams(model, layers, x0, states, ctx.scheduler, side, seed=config.seed)
+    def grams(measured: MeasuredImages) -> dict[str, torch.Tensor]:
+        return layer_grams(
+            model, layers, measured.x0, measured.states, ctx.scheduler, side, seed=ctx.config.seed
+        )
 
-    concept = grams(folder, list(range(len(folder))))
-    anchor = grams(dataset, anchors)
-    return concept_feature_bases(concept, anchor, energy, anchor_energy)
+    concept, anchor = images
+    anchor_grams = grams(anchor) if anchor is not None else None
+    return concept_feature_bases(grams(concept), anchor_grams, energy, anchor_energy)

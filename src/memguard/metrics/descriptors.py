@@ -38,7 +38,12 @@ class ScriptedDescriptor(nn.Module):
         self.size = size
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Descriptors of any number of images, resized `batch_size` at a time (a training set
+        resized to 299 px at once would not fit in memory)."""
+        return torch.cat([self._describe(b) for b in images.split(batch_size)])
+
+    def _describe(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:  # torchmetrics probes its feature size with uint8
             images = images.float() / 255.0
         images = images.float()
