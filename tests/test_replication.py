@@ -9,6 +9,7 @@ from memguard.metrics.replication import (
     gu_replication,
     mq_ratio,
     nearest_cosine,
+    nearest_distinct,
     nearest_neighbors,
     similarity_summary,
 )
@@ -115,3 +116,17 @@ def test_nearest_cosine_matches_brute_force() -> None:
     summary = similarity_summary(similarity)
     assert summary["p95"] == pytest.approx(np.percentile(cosine.max(axis=1), 95))
     assert summary["above_0.5"] == pytest.approx(np.mean(cosine.max(axis=1) > 0.5))
+
+
+def test_one_search_serves_gu_and_mq() -> None:
+    rng = np.random.default_rng(3)
+    train = torch.from_numpy(np.round(rng.normal(size=(60, 5)), 1))
+    train[10:20] = train[0]  # duplicates, merged before the search
+    generated = torch.from_numpy(rng.normal(size=(9, 5)))
+    shared = nearest_distinct(generated, train, k=50)
+    alone = gu_replication(generated, train)
+    reused = gu_replication(generated, train, 1 / 3, shared)
+    for field in ("ratio", "is_replica", "nearest", "nearest_group", "groups", "d1", "d2"):
+        assert torch.equal(getattr(alone, field), getattr(reused, field)), field
+    assert torch.equal(mq_ratio(generated, train), mq_ratio(generated, train, 50, shared))
+    assert torch.equal(mq_ratio(generated, train, k=7), mq_ratio(generated, train, 7, shared))

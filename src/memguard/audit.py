@@ -37,11 +37,13 @@ from memguard.data.shapes import CONCEPT_PARAPHRASES, CONCEPT_SUFFIX
 from memguard.metrics.descriptors import ScriptedDescriptor, check_file
 from memguard.metrics.detection import roc_auc, step_magnitudes, tpr_at_fpr
 from memguard.metrics.replication import (
+    DistinctNeighbors,
     distinct_rows,
     fractions_below,
     gu_replication,
     mq_ratio,
     nearest_cosine,
+    nearest_distinct,
     similarity_summary,
 )
 from memguard.report.html import render_report
@@ -50,6 +52,7 @@ from memguard.train.checkpoint import write_json
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
+MQ_K = 50  # IET: d1 / mean(d1..d50)
 
 
 # ------------------------------------------------------------------------------- folders
@@ -106,10 +109,12 @@ def replication_summary(
     train_images: torch.Tensor,  # images01(train)
     threshold: float = 1 / 3,
     backend: str = "torch",
+    neighbors: DistinctNeighbors | None = None,
 ) -> dict:
-    """Gu et al. replication of every generation, by prompt kind and by prompt."""
+    """Gu et al. replication of every generation, by prompt kind and by prompt (`neighbors`: the
+    pixel-space search, when already made)."""
     result = gu_replication(
-        generated.flatten(1), train_images.flatten(1), threshold, backend=backend
+        generated.flatten(1), train_images.flatten(1), threshold, neighbors, backend=backend
     )
     groups = result.groups.tolist()
     kinds = PromptKinds(train, groups)
@@ -376,7 +381,8 @@ class Auditor:
         self.output.mkdir(parents=True, exist_ok=True)
         train = ImageFolderDataset(c.train_data_dir, self.model.image_size)
         train_images = images01(train)
-        kinds = PromptKinds(train, distinct_rows(train_images.flatten(1))[1].tolist())
+        distinct = distinct_rows(train_images.flatten(1))
+        kinds = PromptKinds(train, distinct[1].tolist())
         if c.prompts is not None:
             if not Path(c.prompts).is_file():
                 raise FileNotFoundError(f"--prompts: no such file: {c.prompts}")
@@ -386,11 +392,16 @@ class Auditor:
 
         samples = ImageFolderDataset(self.samples(prompts), self.model.image_size)
         generated = images01(samples)
-        replication = replication_summary(
-            samples, train, generated, train_images, c.replication_threshold, c.nn_backend
+        # one exact search of the distinct training images serves Gu's criterion and MQ
+        neighbors = nearest_distinct(
+            generated.flatten(1), train_images.flatten(1), MQ_K, distinct, backend=c.nn_backend
         )
-        mq = mq_ratio(generated.flatten(1), train_images.flatten(1), backend=c.nn_backend)
-        replication["mq"] = {"k": 50, "fraction_below": fractions_below(mq)}
+        replication = replication_summary(
+            samples, train, generated, train_images, c.replication_threshold, c.nn_backend,
+            neighbors,
+        )  # fmt: skip
+        mq = mq_ratio(generated.flatten(1), train_images.flatten(1), MQ_K, neighbors)
+        replication["mq"] = {"k": MQ_K, "fraction_below": fractions_below(mq)}
 
         root = benchmark_root(c.train_data_dir)
         judge = None

@@ -102,6 +102,32 @@ def distinct_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
+class DistinctNeighbors:
+    """The k nearest distinct training images of every generation (one search serves Gu's
+    criterion and MQ; exact duplicates in the training set are merged first)."""
+
+    distances: torch.Tensor  # (n, k), ascending
+    indices: torch.Tensor  # (n, k) into `representatives`
+    representatives: torch.Tensor  # (u,) first training row of each distinct image
+    groups: torch.Tensor  # (m,) distinct-image id of every training row
+
+
+def nearest_distinct(
+    generated: torch.Tensor,
+    train: torch.Tensor,
+    k: int,
+    distinct: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **search,
+) -> DistinctNeighbors:
+    """Exact k-NN of `generated` among the distinct rows of `train` (k capped at their number);
+    `distinct`: `distinct_rows(train)`, when already computed."""
+    representatives, groups = distinct if distinct is not None else distinct_rows(train)
+    k = min(k, len(representatives))
+    distances, indices = nearest_neighbors(generated, train[representatives], k=k, **search)
+    return DistinctNeighbors(distances, indices, representatives, groups)
+
+
+@dataclass
 class Replication:
     """Per generation: the Gu ratio, the verdict and the nearest training image."""
 
@@ -118,21 +144,23 @@ def gu_replication(
     generated: torch.Tensor,  # (n, D)
     train: torch.Tensor,  # (m, D)
     threshold: float = 1 / 3,
+    neighbors: DistinctNeighbors | None = None,
     **search,
 ) -> Replication:
-    """Gu et al.'s criterion against the distinct training images."""
-    representatives, groups = distinct_rows(train)
+    """Gu et al.'s criterion against the distinct training images (`neighbors`: a search
+    already made with k >= 2, else one is made here)."""
+    neighbors = neighbors or nearest_distinct(generated, train, k=2, **search)
+    representatives, indices = neighbors.representatives, neighbors.indices
     if len(representatives) < 2:
         raise ValueError("the d1/d2 criterion needs at least two distinct training images")
-    distances, indices = nearest_neighbors(generated, train[representatives], k=2, **search)
-    d1, d2 = distances[:, 0], distances[:, 1]
+    d1, d2 = neighbors.distances[:, 0], neighbors.distances[:, 1]
     ratio = d1 / d2  # d2 > 0: the reference rows are distinct
     return Replication(
         ratio=ratio,
         is_replica=ratio < threshold,
         nearest=representatives[indices[:, 0]],
         nearest_group=indices[:, 0],
-        groups=groups,
+        groups=neighbors.groups,
         d1=d1,
         d2=d2,
     )
@@ -143,12 +171,18 @@ def gu_replication(
 MQ_THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def mq_ratio(generated: torch.Tensor, train: torch.Tensor, k: int = 50, **search) -> torch.Tensor:
+def mq_ratio(
+    generated: torch.Tensor,
+    train: torch.Tensor,
+    k: int = 50,
+    neighbors: DistinctNeighbors | None = None,
+    **search,
+) -> torch.Tensor:
     """IET's memorization ratio d1 / mean(d1..dk) per generation, over distinct training images
-    (k is capped at their number). Low values: one training image is far nearer than the rest."""
-    representatives, _ = distinct_rows(train)
-    k = min(k, len(representatives))
-    distances, _ = nearest_neighbors(generated, train[representatives], k=k, **search)
+    (k is capped at their number; `neighbors`: a search already made with at least that k).
+    Low values: one training image is far nearer than the rest."""
+    neighbors = neighbors or nearest_distinct(generated, train, k=k, **search)
+    distances = neighbors.distances[:, :k]
     return distances[:, 0] / distances.mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
 
 
