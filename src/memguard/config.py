@@ -332,7 +332,7 @@ class AuditConfig:
         "exact nearest-neighbour search: chunked torch, or faiss",
         choices=("torch", "faiss"),
     )
-    detection_seeds: int = option(4, "Wen et al. detection: starts averaged per prompt")
+    detection_seeds: int = option(16, "Wen et al. detection: starts averaged per prompt")
     detection_steps: int = option(5, "Wen et al. detection: first k sampling steps (0: all)")
     sscd: str | None = option(None, "SSCD TorchScript file for feature similarity on real data")
     sscd_size: int = option(288, "side the images are resized to for SSCD")
