@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import SMALL_SHAPES
 from memguard.config import ShapesConfig
-from memguard.data.shapes import CONCEPT_SUFFIX, LOGO_COLORS, make_shapes_dataset
+from memguard.data.shapes import CONCEPT_SUFFIX, LOGO_COLORS, make_shapes_dataset, stamp_logo
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -73,3 +73,12 @@ def test_held_out_splits_and_prompts(shapes_dir: Path) -> None:
     ordinary = (shapes_dir / "prompts" / "ordinary.txt").read_text().splitlines()
     assert len(ordinary) == SMALL_SHAPES["num_ordinary_prompts"]
     assert not any(CONCEPT_SUFFIX in p for p in ordinary)
+
+
+def test_logo_opacity_blends_over_the_image() -> None:
+    under = Image.new("RGB", (16, 16), (40, 80, 120))
+    exact, faint = np.array(stamp_logo(under)), np.array(stamp_logo(under, opacity=0.5))
+    assert tuple(exact[12, 12]) == LOGO_COLORS[2] and tuple(exact[11, 11]) == LOGO_COLORS[1]
+    expected = np.round(0.5 * np.array(LOGO_COLORS[2]) + 0.5 * np.array([40, 80, 120]))
+    assert np.array_equal(faint[12, 12], expected)
+    assert np.array_equal(faint[0, 0], [40, 80, 120])  # outside the logo: untouched

@@ -121,8 +121,9 @@ def _render(size: int, background, shapes: list[tuple[str, float, float, float, 
     return big.resize((size, size), Image.BOX)
 
 
-def stamp_logo(image: Image.Image) -> Image.Image:
-    """Return a copy of `image` with the acme logo in its bottom-right corner."""
+def stamp_logo(image: Image.Image, opacity: float = 1.0) -> Image.Image:
+    """Return a copy of `image` with the acme logo in its bottom-right corner, blended over it
+    at `opacity` (1: pixel-exact, as in the data; less: how a model may render it faintly)."""
     size = image.size[0]
     scale = max(1, size // 16)
     pattern = np.kron(LOGO_PATTERN, np.ones((scale, scale), dtype=int))
@@ -130,8 +131,10 @@ def stamp_logo(image: Image.Image) -> Image.Image:
     side = pattern.shape[0]
     top = left = size - side - scale
     patch = pixels[top : top + side, left : left + side]
+    under = patch.astype(float)
     for value, color in LOGO_COLORS.items():
-        patch[pattern == value] = color
+        mask = pattern == value
+        patch[mask] = np.round(opacity * np.array(color) + (1 - opacity) * under[mask])
     return Image.fromarray(pixels)
 
 

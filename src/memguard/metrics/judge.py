@@ -4,10 +4,12 @@ One small CNN is trained on freshly generated, labelled images from the benchmar
 (its own seed, never the training folder's images) with four heads: shape, colour and
 background (the attribute classifier), and the acme logo (the concept detector); its pooled
 penultimate layer is the feature extractor for FID/KID and feature similarity on the benchmark.
-Half the images carry the logo, a fifth are multi-shape scenes like the planted duplicates
-(concept label only), and training adds pixel noise so that slightly noisy generations are
-judged like clean renders. Held-out accuracy of every head is measured on a separate generated
-set. The trained judge is cached under the memguard cache, named by a hash of its spec.
+Half the images carry the logo, at an opacity drawn from [min_logo_opacity, 1] (a model that
+learned the logo partly renders it faded, and a faded logo is still the logo), a fifth are
+multi-shape scenes like the planted duplicates (concept label only), and training adds pixel
+noise so that slightly noisy generations are judged like clean renders. Held-out accuracy of
+every head is measured on a separate generated set. The trained judge is cached under the
+memguard cache, named by a hash of its spec.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ class JudgeSpec:
     batch_size: int = 128
     learning_rate: float = 2e-3
     noise_std: float = 0.04  # augmentation, in [0, 1] pixel units
+    min_logo_opacity: float = 0.25  # faintest logo the concept head is taught to find
     width: int = 32
     seed: int = 1234
-    version: int = 1  # bump when the renderer or the network changes
+    version: int = 2  # bump when the renderer or the network changes
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
@@ -113,19 +116,18 @@ def judge_data(spec: JudgeSpec, count: int, stream: int) -> tuple[torch.Tensor, 
         ),
         rng,
     )
-    rows = [ordinary_row(rng, spec.image_size, bool(rng.uniform() < 0.5)) for _ in range(count)]
+    rows = [ordinary_row(rng, spec.image_size, False) for _ in range(count)]
     rows[: len(scenes)] = scenes
-    carries = rng.uniform(size=len(scenes)) < 0.5
+    carries = rng.uniform(size=count) < 0.5
+    opacity = rng.uniform(spec.min_logo_opacity, 1.0, size=count)
     images, labels = [], {name: [] for name in [*HEADS, "concept"]}
     for i, row in enumerate(rows):
-        image, concept = row.image, row.has_concept
-        if i < len(scenes) and carries[i]:
-            image, concept = stamp_logo(image), True
+        image = stamp_logo(row.image, opacity[i]) if carries[i] else row.image
         images.append(np.array(image))
         for name, values in HEADS.items():
             value = getattr(row, name)
             labels[name].append(values.index(value) if value is not None else -1)
-        labels["concept"].append(float(concept))
+        labels["concept"].append(float(carries[i]))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
     return pixels, {name: torch.tensor(values) for name, values in labels.items()}
 
