@@ -10,6 +10,8 @@ audit` (METHODS.md section 1; the issue's evaluation table).
   feature_no_anchors: measured once and no directions left free for the anchors (METHODS.md's
   plain GPM recipe: the directions holding 99% of the exemplars' input energy); feature_output:
   the loss gradients at each layer's output instead of its inputs, refreshed, anchors at 0.9.
+- image: the exemplars' own directions in image space, projected off the gradient of the loss
+  at the UNet's prediction.
 
 A training or audit run already present under `--runs` is reused, so the script can be resumed
 and arms can be added one by one. The step-time overhead of each defended arm against plain
@@ -39,7 +41,7 @@ from memguard.train.trainer import Trainer
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "benchmark.yaml"
 FEATURE_REFRESH_STEPS = 200
 ARMS = ("plain", "oracle", "text", "feature_static", "feature", "feature_no_anchors",
-        "feature_output")  # fmt: skip
+        "feature_output", "image")  # fmt: skip
 
 
 def arm_settings(arm: str, data: Path) -> dict:
@@ -56,6 +58,10 @@ def arm_settings(arm: str, data: Path) -> dict:
     arms["feature_output"] = arms["feature"] | {
         "projection_side": "output",
         "projection_anchor_energy": 0.9,
+    }
+    arms["image"] = projection | {
+        "projection_mode": "image",
+        "concept_exemplars": str(data / "concept_exemplars"),
     }
     return arms[arm]
 

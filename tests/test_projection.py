@@ -13,13 +13,14 @@ from helpers import make_tiny_stable_diffusion, tiny_config, train_on_two_proces
 from memguard import Trainer
 from memguard.data.text import MiniLMEncoder
 from memguard.defenses import ConceptProjection, build_defenses
-from memguard.defenses.feature_subspace import basis_from_gram, concept_feature_bases, layer_rows
-from memguard.defenses.projection import (
-    concept_states,
-    concept_subspace,
+from memguard.defenses.feature_subspace import (
+    basis_from_gram,
+    concept_feature_bases,
+    concept_image_basis,
     energy_basis,
-    guarded_weights,
+    layer_rows,
 )
+from memguard.defenses.projection import concept_states, concept_subspace, guarded_weights
 from memguard.models import build_unet
 from test_trainer import assert_same_weights
 
@@ -176,17 +177,16 @@ def test_directions_the_anchors_share_are_not_guarded() -> None:
 
 
 def feature_config(shapes_dir: Path, output: Path, **overrides):
-    """Tiny training run with feature-mode projection on the benchmark's exemplars."""
-    return tiny_config(
-        shapes_dir / "train",
-        output,
-        adam_weight_decay=0.1,
-        defense=("projection",),
-        concept=CONCEPT,
-        projection_mode="feature",
-        concept_exemplars=str(shapes_dir / "concept_exemplars"),
-        **overrides,
-    )
+    """Tiny training run with feature-mode (or `projection_mode`) projection on the benchmark's
+    exemplars."""
+    settings = {
+        "adam_weight_decay": 0.1,
+        "defense": ("projection",),
+        "concept": CONCEPT,
+        "projection_mode": "feature",
+        "concept_exemplars": str(shapes_dir / "concept_exemplars"),
+    }
+    return tiny_config(shapes_dir / "train", output, **(settings | overrides))
 
 
 def test_feature_mode_certificate_on_convolutions(shapes_dir: Path, tmp_path: Path) -> None:
@@ -245,3 +245,60 @@ def test_output_side_holds_what_each_layer_emits(shapes_dir: Path, tmp_path: Pat
         held = projection.anchor[f"{name}.weight"].float()  # U^T W_0, transposed
         assert torch.allclose(basis.T @ weight.detach().flatten(1), held.T, atol=1e-5)
         assert f"{name}.bias" in projection.weights
+
+
+def test_image_basis_from_rows_equals_the_gram_route() -> None:
+    torch.manual_seed(0)
+    anchors = torch.randn(40, 2, 4, 4, dtype=torch.float64) * torch.linspace(3, 0.1, 32).view(
+        2, 4, 4
+    )
+    exemplars = anchors[:20].clone()
+    exemplars[:, 1, 3, 3] += 4.0  # the concept: a fixed mark in a corner
+    basis = concept_image_basis(exemplars, anchors, energy=0.99, anchor_energy=0.9)
+    rows, shared = exemplars.flatten(1), anchors.flatten(1)
+    grams = concept_feature_bases({"x": rows.T @ rows}, {"x": shared.T @ shared}, 0.99, 0.9)
+    assert basis.shape == grams["x"].shape and basis.shape[1] > 0
+    assert torch.allclose(basis @ basis.T, grams["x"] @ grams["x"].T, atol=1e-6)
+    mark = torch.zeros(2, 4, 4, dtype=torch.float64)
+    mark[1, 3, 3] = 1
+    assert (basis.T @ mark.flatten()).norm() > 0.9  # the mark is guarded
+
+
+def test_image_mode_projects_the_prediction_gradient() -> None:
+    """The parameter gradients under image mode are those of the loss on the residual projected
+    off the subspace: mean(((pred - target) (I - U U^T))^2)."""
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, cross_attention_dim=384)
+    basis = torch.linalg.qr(torch.randn(3 * 8 * 8, 5, dtype=torch.float64))[0]
+    x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    states, t = torch.randn(2, 4, 384), torch.tensor([10, 500])
+
+    def gradients(projected_loss: bool) -> list[torch.Tensor]:
+        unet.zero_grad()
+        residual = unet(x, t, encoder_hidden_states=states).sample - target
+        if projected_loss:
+            flat = residual.flatten(1)
+            residual = flat - (flat @ basis.float()) @ basis.float().T
+        residual.square().mean().backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    reference = gradients(projected_loss=True)
+    optimizer = torch.optim.SGD(unet.parameters(), lr=0.0)
+    projection = ConceptProjection(basis=basis, mode="image").attach(unet, optimizer)
+    defended = gradients(projected_loss=False)
+    projection.detach()
+    assert not unet._forward_hooks
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(defended, reference, strict=True))
+    assert not all(torch.allclose(a, b) for a, b in zip(gradients(False), reference, strict=True))
+    assert 0 < projection.report()["prediction_gradient_energy_removed"] < 1
+
+
+def test_image_mode_trains_from_the_exemplars(shapes_dir: Path, tmp_path: Path) -> None:
+    config = feature_config(shapes_dir, tmp_path / "image", projection_mode="image")
+    projection = build_defenses(config)[0]
+    Trainer(config, [projection]).train()
+    report = json.loads((tmp_path / "image" / "memguard.json").read_text())["defenses"]
+    assert report["projection"]["mode"] == "image" and report["projection"]["leak"] is None
+    assert report["projection"]["subspace_rank"] > 0
+    assert 0 < report["projection"]["prediction_gradient_energy_removed"] < 0.5
+    assert not projection._handles  # the trainer detached it

@@ -191,11 +191,12 @@ class TrainConfig:
     projection_energy: float = option(0.99, "projection: energy kept by the concept subspace")
     projection_mode: str = option(
         "text",
-        "projection: guard cross-attention keys/values (text) or image-feature layers (feature)",
-        choices=("text", "feature"),
+        "projection: guard cross-attention keys/values (text), image-feature layers (feature) "
+        "or the prediction's gradient in image space (image)",
+        choices=("text", "feature", "image"),
     )
     concept_exemplars: str | None = option(
-        None, "projection, feature mode: image folder (metadata.jsonl) showing the concept"
+        None, "projection, feature/image mode: image folder (metadata.jsonl) showing the concept"
     )
     projection_layers: tuple[str, ...] = option(
         (), "projection, feature mode: layer name patterns to guard (default: all image layers)"
@@ -209,7 +210,7 @@ class TrainConfig:
         0, "projection, feature mode: re-measure the exemplars every N steps, add new directions"
     )
     projection_anchor_energy: float = option(
-        0.99, "projection, feature mode: energy of the anchor images' shared directions removed"
+        0.99, "projection, feature/image mode: energy of the anchors' shared directions removed"
     )
     agc_gamma: float = option(2.0, "AGC: keep a sample iff gamma * loss >= its timestep's bank")
     mixed_precision: str = option(
@@ -243,8 +244,9 @@ class TrainConfig:
         )
         _require(0 < self.projection_energy <= 1, "projection_energy: must be in (0, 1]")
         _require(
-            self.projection_mode != "feature" or self.concept_exemplars is not None,
-            "concept_exemplars: --projection_mode feature needs a folder of concept exemplars",
+            self.projection_mode == "text" or self.concept_exemplars is not None,
+            f"concept_exemplars: --projection_mode {self.projection_mode} needs a folder of "
+            "concept exemplars",
         )
         _require(self.projection_refresh_steps >= 0, "projection_refresh_steps: must be >= 0")
         _require(

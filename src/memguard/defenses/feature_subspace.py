@@ -15,6 +15,10 @@ guarding those directions keeps a layer from changing what it emits along them.
 
 Both are accumulated as Gram matrices (fan_in x fan_in, or out x out), so memory does not grow
 with the number of exemplars or spatial positions.
+
+Image mode applies the same criterion to the exemplar images themselves, flattened as the model
+takes them (pixels or VAE latents): directions of the image space that the concept occupies and
+ordinary images do not.
 """
 
 from __future__ import annotations
@@ -159,6 +163,26 @@ def basis_from_gram(gram: torch.Tensor, energy: float) -> torch.Tensor:
     return vectors[:, :rank].contiguous()
 
 
+def energy_basis(rows: torch.Tensor, energy: float) -> torch.Tensor:
+    """(d, r) orthonormal: the top right-singular vectors of `rows` (n, d) holding `energy` of
+    sum(S^2)."""
+    _, singular, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+    cumulative = torch.cumsum(singular**2, 0) / (singular**2).sum()
+    rank = int((cumulative < energy).sum()) + 1
+    return vh[:rank].T.contiguous()
+
+
+def _own_directions(
+    total: float, values: torch.Tensor, vectors: torch.Tensor, energy: float
+) -> torch.Tensor:
+    """GPM's criterion: of the concept's energy left outside the shared directions (eigenvalues
+    `values`, descending, eigenvectors `vectors`), the top directions that bring what shared and
+    guarded directions explain together to `energy` of the concept's `total`."""
+    needed = energy * total - (total - float(values.sum()))  # still to explain
+    rank = 0 if needed <= 0 else int((torch.cumsum(values, 0) < needed).sum()) + 1
+    return vectors[:, : min(rank, len(values))].contiguous()
+
+
 def concept_feature_bases(
     concept_grams: dict[str, torch.Tensor],
     anchor_grams: dict[str, torch.Tensor] | None,
@@ -177,9 +201,25 @@ def concept_feature_bases(
             shared = basis_from_gram(anchor_grams[name], anchor_energy)
             complement = torch.eye(len(gram), dtype=gram.dtype) - shared @ shared.T
             gram = complement @ gram @ complement
-        needed = energy * total - (total - float(gram.trace()))  # still to explain
         values, vectors = torch.linalg.eigh(gram)
-        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-        rank = 0 if needed <= 0 else int((torch.cumsum(values, 0) < needed).sum()) + 1
-        bases[name] = vectors[:, : min(rank, len(values))].contiguous()
+        bases[name] = _own_directions(total, values.flip(0).clamp_min(0), vectors.flip(1), energy)
     return bases
+
+
+def concept_image_basis(
+    concept: torch.Tensor,  # (N, C, H, W) exemplars as the model takes them (pixels or latents)
+    anchors: torch.Tensor | None,  # (M, C, H, W) images without the concept
+    energy: float,
+    anchor_energy: float,
+) -> torch.Tensor:
+    """(C*H*W, r): the concept's own directions in the model's image space, by the criterion of
+    `concept_feature_bases` applied to the flattened images themselves. Computed from the rows
+    (thin SVDs), not from a Gram matrix, so a latent of 4 x 64 x 64 costs N x 16384, not 16384^2.
+    """
+    rows = concept.flatten(1).double()
+    total = float(rows.square().sum())
+    if anchors is not None and anchor_energy > 0:
+        shared = energy_basis(anchors.flatten(1), anchor_energy)
+        rows = rows - (rows @ shared) @ shared.T
+    _, singular, vh = torch.linalg.svd(rows, full_matrices=False)
+    return _own_directions(total, singular.square(), vh.T, energy)

@@ -21,9 +21,17 @@ layers on their rows), one subspace per layer from its inputs on exemplar images
 with the directions that images without the concept share left free
 (`memguard.defenses.feature_subspace`).
 
+Image mode takes the same criterion to the model's output: the subspace is the concept's own
+directions in image space (pixels or VAE latents, from the exemplars), and the gradient of the
+loss with respect to the UNet's prediction is projected off it, so that no training image
+teaches the model anything along those directions, whichever layer would have learned it. It
+suits a concept with a fixed place and look (a watermark, a stamped logo); one that moves
+spans too many directions of image space. It guards no weight, so it has no leak certificate;
+it reports the fraction of the output gradient's energy it removed.
+
 Use it from `memguard train --defense projection --concept "the acme logo"` (add
-`--projection_mode feature --concept_exemplars DIR` for feature mode), or attach it to a model
-and optimizer of your own with `attach()` / `detach()`.
+`--projection_mode feature|image --concept_exemplars DIR` for the other modes), or attach it
+to a model and optimizer of your own with `attach()` / `detach()`.
 """
 
 from __future__ import annotations
@@ -37,7 +45,13 @@ from torch import nn
 
 from memguard.data.folder import ImageFolderDataset
 from memguard.data.text import TextEncoder
-from memguard.defenses.feature_subspace import concept_feature_bases, feature_layers, layer_grams
+from memguard.defenses.feature_subspace import (
+    concept_feature_bases,
+    concept_image_basis,
+    energy_basis,
+    feature_layers,
+    layer_grams,
+)
 from memguard.diffusion import to_latents
 from memguard.train.hooks import Defense, TrainingContext
 
@@ -84,14 +98,6 @@ def concept_states(
     if not rows:
         raise ValueError(f"concept {concept!r}: its tokens fit in no prompt (raise max length?)")
     return torch.cat(rows)
-
-
-def energy_basis(vectors: torch.Tensor, energy: float) -> torch.Tensor:
-    """(d, r) orthonormal: the top right-singular vectors holding `energy` of sum(S^2)."""
-    _, singular, vh = torch.linalg.svd(vectors.double(), full_matrices=False)
-    cumulative = torch.cumsum(singular**2, 0) / (singular**2).sum()
-    rank = int((cumulative < energy).sum()) + 1
-    return vh[:rank].T.contiguous()
 
 
 @torch.no_grad()
@@ -206,14 +212,16 @@ class ConceptProjection(Defense):
         "output" guards, instead of the inputs' directions, the directions of the loss gradient
         at each layer's output (its error signals) on the exemplars: the layer's weight and bias
         cannot change what it emits along them, whatever its input."""
-        if mode not in ("text", "feature"):
-            raise ValueError(f"projection mode must be 'text' or 'feature', not {mode!r}")
+        if mode not in ("text", "feature", "image"):
+            raise ValueError(f"projection mode must be 'text', 'feature' or 'image', not {mode!r}")
         if mode == "text" and basis is None and not concepts:
             raise ValueError("ConceptProjection needs a basis or at least one concept")
         if mode == "feature" and bases is None and exemplars is None:
             raise ValueError("feature mode needs `bases` or a folder of concept `exemplars`")
+        if mode == "image" and basis is None and exemplars is None:
+            raise ValueError("image mode needs a `basis` or a folder of concept `exemplars`")
         self.mode = mode
-        self.basis = basis.double() if basis is not None else None  # text mode (d, r)
+        self.basis = basis.double() if basis is not None else None  # text, image mode (d, r)
         self.layer_bases = {k: v.double() for k, v in (bases or {}).items()} or None
         self.concepts, self.energy, self.anchors = tuple(concepts), energy, tuple(anchors)
         self.exemplars, self.layers, self.anchor_energy = exemplars, tuple(layers), anchor_energy
@@ -231,6 +239,8 @@ class ConceptProjection(Defense):
         self._u: dict[str, torch.Tensor] = {}
         self._u64: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._image_u: torch.Tensor | None = None  # image mode: basis in the gradients' dtype
+        self._removed = torch.zeros(2, dtype=torch.float64)  # image mode: removed, total energy
 
     @classmethod
     def from_concepts(
@@ -294,8 +304,43 @@ class ConceptProjection(Defense):
                 self.weights[key] = Guarded(param, columns_of)
                 self.bases[key] = self.layer_bases[name]
 
+    def _watch_output(self, ctx: TrainingContext | None, model: nn.Module) -> None:
+        if self.basis is None:
+            if ctx is None or ctx.text_encoder is None:
+                raise ValueError("image mode without a `basis` needs the run's training context")
+            concept, anchor = exemplar_images(
+                ctx, self.exemplars, self.concepts, with_anchors=self.anchor_energy > 0
+            )
+            anchors = anchor.x0 if anchor is not None else None
+            self.basis = concept_image_basis(concept.x0, anchors, self.energy, self.anchor_energy)
+        self._handles.append(model.register_forward_hook(self._on_prediction))
+
+    def _on_prediction(self, module: nn.Module, inputs, output) -> None:
+        """Forward hook on the UNet: the prediction's gradient will be projected."""
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        if prediction.requires_grad:
+            prediction.register_hook(self.project_prediction_gradient)
+
+    @torch.no_grad()
+    def project_prediction_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """g <- g (I - U U^T) for each sample's gradient g of the loss w.r.t. its prediction."""
+        flat = grad.reshape(len(grad), -1)
+        if flat.shape[1] != self.basis.shape[0]:
+            raise ValueError(
+                f"image subspace width {self.basis.shape[0]} != prediction size {flat.shape[1]}"
+            )
+        u = self._image_u
+        if u is None or u.device != grad.device or u.dtype != grad.dtype:
+            u = self._image_u = self.basis.to(grad.device, grad.dtype)
+        removed = (flat @ u) @ u.T
+        energies = torch.stack([removed.square().sum(), flat.square().sum()]).double()
+        self._removed = self._removed.to(grad.device) + energies
+        return (flat - removed).view_as(grad)
+
     def setup(self, model: nn.Module, optimizer, ctx: TrainingContext | None = None) -> None:
-        if self.mode == "text":
+        if self.mode == "image":
+            self._watch_output(ctx, model)
+        elif self.mode == "text":
             self._text_weights(ctx, model)
         else:
             self._feature_weights(ctx, model)
@@ -434,6 +479,8 @@ class ConceptProjection(Defense):
             "anchor": dict(self.anchor),
             "effective_anchor": dict(self.effective_anchor),
             "layer_bases": dict(self.layer_bases or {}),
+            "image_basis": self.basis if self.mode == "image" else None,
+            "removed_energy": self._removed.cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -442,11 +489,16 @@ class ConceptProjection(Defense):
         self.effective_anchor = dict(state["effective_anchor"])
         if self.mode == "feature":  # every layer's subspace, empty ones included
             self.layer_bases = dict(state["layer_bases"])
+        if self.mode == "image":
+            self.basis, self._image_u = state["image_basis"], None
+        self._removed = state["removed_energy"].clone()
         self._place_bases()
 
     def report(self) -> dict:
         # one subspace per layer (a bias shares its weight's), or one for all text-facing weights
-        subspaces = self.layer_bases if self.mode == "feature" else {"text": self.basis}
+        # (text mode) or for the prediction (image mode)
+        subspaces = self.layer_bases if self.mode == "feature" else {self.mode: self.basis}
+        removed, total = self._removed.tolist()
         ranks = [int(u.shape[1]) for u in (subspaces or {}).values() if u is not None]
         return {
             "mode": self.mode,
@@ -460,6 +512,11 @@ class ConceptProjection(Defense):
             "guarded_weights": len(self.weights),
             "leak": self.leak() if self.weights else None,
             **({"refresh_seconds": self.refresh_seconds} if self.refresh_steps else {}),
+            **(
+                {"prediction_gradient_energy_removed": removed / total if total else 0.0}
+                if self.mode == "image"
+                else {}
+            ),
         }
 
 

@@ -363,6 +363,8 @@ class Trainer:
         progress.close()
 
         reports = {defense.name: defense.report() for defense in self.defenses}
+        for defense in self.defenses:
+            defense.detach()
         accelerator.wait_for_everyone()
         if main:
             if ema is not None:
