@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from helpers import tiny_config
 from memguard import Trainer
-from memguard.metrics.detection import roc_auc, text_conditional_magnitude, tpr_at_fpr
+from memguard.metrics.detection import first_steps_score, roc_auc, step_magnitudes, tpr_at_fpr
 from memguard.sampling import load_model, make_sampler
 
 
@@ -38,7 +38,7 @@ def test_magnitude_is_the_mean_norm_along_the_trajectory(shapes_dir: Path, tmp_p
     Trainer(tiny_config(shapes_dir / "train", tmp_path)).train()
     model = load_model(tmp_path)
     prompts = ["a red circle on a gray background", "a painting called x"]
-    scores = text_conditional_magnitude(model, prompts, seeds=2, num_inference_steps=3)
+    scores = first_steps_score(step_magnitudes(model, prompts, seeds=2, num_inference_steps=3))
     # the definition, written out for prompt 1, seed 1, all steps, with DPM-Solver++
     schedule = make_sampler("dpm", model.scheduler_config)
     schedule.set_timesteps(3)
@@ -51,9 +51,10 @@ def test_magnitude_is_the_mean_norm_along_the_trajectory(shapes_dir: Path, tmp_p
         e_u = model.unet(schedule.scale_model_input(x, t), t, encoder_hidden_states=uncond).sample
         norms.append((e_c - e_u).flatten().double().norm())
         x = schedule.step(e_u + 3.0 * (e_c - e_u), t, x).prev_sample
-    one_seed = text_conditional_magnitude(model, prompts[1:], seeds=2, num_inference_steps=3)
+    magnitudes = step_magnitudes(model, prompts[1:], seeds=2, num_inference_steps=3)
+    one_seed = first_steps_score(magnitudes)
     assert scores[1] == pytest.approx(one_seed[0].item(), rel=1e-6)
-    seed0 = text_conditional_magnitude(model, prompts[1:], seeds=1, num_inference_steps=3)
+    seed0 = first_steps_score(step_magnitudes(model, prompts[1:], seeds=1, num_inference_steps=3))
     assert 2 * one_seed[0] - seed0[0] == pytest.approx(torch.stack(norms).mean().item(), rel=1e-4)
-    first = text_conditional_magnitude(model, prompts[1:], seeds=2, num_inference_steps=3, steps=1)
+    first = first_steps_score(magnitudes, steps=1)
     assert first.shape == (1,) and first[0] > 0

@@ -35,7 +35,7 @@ from memguard.config import AuditConfig, to_dict
 from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata
 from memguard.data.shapes import CONCEPT_PARAPHRASES, CONCEPT_SUFFIX
 from memguard.metrics.descriptors import ScriptedDescriptor, check_file
-from memguard.metrics.detection import roc_auc, step_magnitudes, tpr_at_fpr
+from memguard.metrics.detection import first_steps_score, roc_auc, step_magnitudes, tpr_at_fpr
 from memguard.metrics.replication import (
     DistinctNeighbors,
     distinct_rows,
@@ -236,13 +236,13 @@ class Auditor:
             sampler=c.scheduler,
             batch_size=c.batch_size,
         )
-        scores = magnitudes[:, : c.detection_steps or None].mean(dim=1)
+        scores = first_steps_score(magnitudes, c.detection_steps)
         rows = [
             {"prompt": p, "kind": kinds(p), "d": float(d)}
             for p, d in zip(prompts, scores, strict=True)
         ]
-        labelled = [r for r in rows if r["kind"] in ("duplicated", "ordinary")]
-        labels = np.array([r["kind"] == "duplicated" for r in labelled])
+        labelled = [i for i, r in enumerate(rows) if r["kind"] in ("duplicated", "ordinary")]
+        labels = np.array([rows[i]["kind"] == "duplicated" for i in labelled])
         result: dict = {
             "method": "Wen et al. 2024: mean ||eps(x_t, p) - eps(x_t, '')|| over sampling steps",
             "seeds": c.detection_seeds,
@@ -250,16 +250,13 @@ class Auditor:
             "scores": rows,
         }
         if labels.any() and not labels.all():
-            values = np.array([r["d"] for r in labelled])
+            values = scores[labelled].numpy()
             result["auc"] = roc_auc(values, labels)
             result["tpr_at_1pct_fpr"] = tpr_at_fpr(values, labels, 0.01)
             # how the choice of steps matters: the same score over the first k steps
-            labelled_rows = [
-                i for i, r in enumerate(rows) if r["kind"] in ("duplicated", "ordinary")
-            ]
             total = magnitudes.shape[1]
             result["auc_by_first_steps"] = {
-                str(k): roc_auc(magnitudes[labelled_rows, :k].mean(dim=1).numpy(), labels)
+                str(k): roc_auc(first_steps_score(magnitudes[labelled], k).numpy(), labels)
                 for k in sorted({1, 2, 3, 5, 10, total})
                 if k <= total
             }

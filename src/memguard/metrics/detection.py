@@ -58,21 +58,10 @@ def step_magnitudes(
     return totals / seeds
 
 
-def text_conditional_magnitude(
-    model: DiffusionModel,
-    prompts: list[str],
-    seeds: int = 4,
-    num_inference_steps: int = 50,
-    steps: int | None = None,
-    guidance_scale: float = 3.0,
-    sampler: str = "dpm",
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """d(p) for each prompt, shape (P,): averaged over `seeds` starts and the first `steps`."""
-    magnitudes = step_magnitudes(
-        model, prompts, seeds, num_inference_steps, guidance_scale, sampler, batch_size
-    )
-    return magnitudes[:, :steps].mean(dim=1)
+def first_steps_score(magnitudes: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    """d(p) per prompt, shape (P,): `step_magnitudes` averaged over the first `steps` sampling
+    steps (None or 0: all of them)."""
+    return magnitudes[:, : steps or None].mean(dim=1)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
