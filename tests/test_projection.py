@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from scipy import stats
 
 from helpers import make_tiny_stable_diffusion, tiny_config, train_on_two_processes
 from memguard import Trainer
+from memguard.data.shapes import stamp_logo
 from memguard.data.text import MiniLMEncoder
 from memguard.defenses import ConceptProjection, build_defenses
 from memguard.defenses.feature_subspace import (
     basis_from_gram,
     concept_feature_bases,
-    concept_image_basis,
+    concept_footprint,
     energy_basis,
     layer_rows,
 )
@@ -247,21 +251,24 @@ def test_output_side_holds_what_each_layer_emits(shapes_dir: Path, tmp_path: Pat
         assert f"{name}.bias" in projection.weights
 
 
-def test_image_basis_from_rows_equals_the_gram_route() -> None:
-    torch.manual_seed(0)
-    anchors = torch.randn(40, 2, 4, 4, dtype=torch.float64) * torch.linspace(3, 0.1, 32).view(
-        2, 4, 4
-    )
-    exemplars = anchors[:20].clone()
-    exemplars[:, 1, 3, 3] += 4.0  # the concept: a fixed mark in a corner
-    basis = concept_image_basis(exemplars, anchors, energy=0.99, anchor_energy=0.9)
-    rows, shared = exemplars.flatten(1), anchors.flatten(1)
-    grams = concept_feature_bases({"x": rows.T @ rows}, {"x": shared.T @ shared}, 0.99, 0.9)
-    assert basis.shape == grams["x"].shape and basis.shape[1] > 0
-    assert torch.allclose(basis @ basis.T, grams["x"] @ grams["x"].T, atol=1e-6)
-    mark = torch.zeros(2, 4, 4, dtype=torch.float64)
-    mark[1, 3, 3] = 1
-    assert (basis.T @ mark.flatten()).norm() > 0.9  # the mark is guarded
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # the constant position
+def test_footprint_is_where_welch_rejects_equal_means() -> None:
+    """Every channel of each position where scipy's Welch test (Bonferroni over positions and
+    channels) finds the exemplars' mean unlike the anchors': a pixel-exact mark and a shifted
+    channel; not a position where both sets are the same constant."""
+    generator = torch.Generator().manual_seed(0)
+    anchors = torch.randn(200, 2, 4, 4, generator=generator, dtype=torch.float64)
+    exemplars = torch.randn(100, 2, 4, 4, generator=generator, dtype=torch.float64)
+    exemplars[:, :, 3, 3] = 2.0  # a pixel-exact mark in a corner
+    exemplars[:, 0, 0, 1] += 1.5  # one channel shifted
+    exemplars[:, :, 2, 2] = anchors[:, :, 2, 2] = 0.5  # the same constant in both
+    basis = concept_footprint(exemplars, anchors, alpha=1e-3)
+    assert torch.equal(basis.T @ basis, torch.eye(basis.shape[1], dtype=basis.dtype))
+    welch = stats.ttest_ind(exemplars.flatten(2), anchors.flatten(2), equal_var=False)
+    rejected = np.nan_to_num(welch.pvalue, nan=1.0) * 32 < 1e-3  # (channels, positions)
+    assert set(np.flatnonzero(rejected.any(axis=0))) == {1, 15}
+    guarded = basis.sum(1).view(2, 16)
+    assert torch.equal(guarded, torch.from_numpy(rejected.any(axis=0)).double().expand(2, 16))
 
 
 def test_image_mode_projects_the_prediction_gradient() -> None:
@@ -302,3 +309,7 @@ def test_image_mode_trains_from_the_exemplars(shapes_dir: Path, tmp_path: Path) 
     assert report["projection"]["subspace_rank"] > 0
     assert 0 < report["projection"]["prediction_gradient_energy_removed"] < 0.5
     assert not projection._handles  # the trainer detached it
+    blank = Image.new("RGB", (8, 8))
+    logo = torch.from_numpy(np.array(stamp_logo(blank)).any(axis=2))
+    guarded = projection.basis.sum(1).view(3, 8, 8).bool()
+    assert guarded.any() and not (guarded & ~logo).any()  # found from 6 exemplars: the logo's

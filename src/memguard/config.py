@@ -188,7 +188,9 @@ class TrainConfig:
     )
     defense: tuple[str, ...] = option((), "defense to attach (repeatable): agc, projection")
     concept: tuple[str, ...] = option((), "projection: a prohibited concept (repeatable)")
-    projection_energy: float = option(0.99, "projection: energy kept by the concept subspace")
+    projection_energy: float = option(
+        0.99, "projection, text/feature mode: energy kept by the concept subspace"
+    )
     projection_mode: str = option(
         "text",
         "projection: guard cross-attention keys/values (text), image-feature layers (feature) "
@@ -210,7 +212,12 @@ class TrainConfig:
         0, "projection, feature mode: re-measure the exemplars every N steps, add new directions"
     )
     projection_anchor_energy: float = option(
-        0.99, "projection, feature/image mode: energy of the anchors' shared directions removed"
+        0.99, "projection, feature mode: energy of the anchors' shared directions removed"
+    )
+    projection_footprint_alpha: float = option(
+        1e-3,
+        "projection, image mode: family-wise level of the per-position test that finds where "
+        "the exemplars differ from images without the concept",
     )
     agc_gamma: float = option(2.0, "AGC: keep a sample iff gamma * loss >= its timestep's bank")
     mixed_precision: str = option(
@@ -251,6 +258,9 @@ class TrainConfig:
         _require(self.projection_refresh_steps >= 0, "projection_refresh_steps: must be >= 0")
         _require(
             0 <= self.projection_anchor_energy < 1, "projection_anchor_energy: must be in [0, 1)"
+        )
+        _require(
+            0 < self.projection_footprint_alpha < 1, "projection_footprint_alpha: must be in (0, 1)"
         )
         _require(self.logging_steps > 0, "logging_steps: must be positive")
         _require(

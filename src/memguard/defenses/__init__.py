@@ -21,6 +21,7 @@ def build_defenses(config: TrainConfig) -> list[Defense]:
             anchor_energy=config.projection_anchor_energy,
             refresh_steps=config.projection_refresh_steps,
             side=config.projection_side,
+            footprint_alpha=config.projection_footprint_alpha,
         ),
     }
     return [makers[name]() for name in config.defense]

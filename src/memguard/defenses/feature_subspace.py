@@ -16,9 +16,11 @@ guarding those directions keeps a layer from changing what it emits along them.
 Both are accumulated as Gram matrices (fan_in x fan_in, or out x out), so memory does not grow
 with the number of exemplars or spatial positions.
 
-Image mode applies the same criterion to the exemplar images themselves, flattened as the model
-takes them (pixels or VAE latents): directions of the image space that the concept occupies and
-ordinary images do not.
+Image mode works on the exemplar images themselves, as the model takes them (pixels or VAE
+latents): the concept's footprint is every position where the exemplars' mean differs from that
+of images without the concept by a two-sample (Welch) test, and its subspace holds all channels
+there. The energy criterion above does not serve in image space: an exemplar is the concept plus
+an ordinary image, so its top directions mix the two and miss part of the concept's own pattern.
 """
 
 from __future__ import annotations
@@ -206,20 +208,26 @@ def concept_feature_bases(
     return bases
 
 
-def concept_image_basis(
+def concept_footprint(
     concept: torch.Tensor,  # (N, C, H, W) exemplars as the model takes them (pixels or latents)
-    anchors: torch.Tensor | None,  # (M, C, H, W) images without the concept
-    energy: float,
-    anchor_energy: float,
+    anchors: torch.Tensor,  # (M, C, H, W) images without the concept
+    alpha: float,
 ) -> torch.Tensor:
-    """(C*H*W, r): the concept's own directions in the model's image space, by the criterion of
-    `concept_feature_bases` applied to the flattened images themselves. Computed from the rows
-    (thin SVDs), not from a Gram matrix, so a latent of 4 x 64 x 64 costs N x 16384, not 16384^2.
-    """
-    rows = concept.flatten(1).double()
-    total = float(rows.square().sum())
-    if anchors is not None and anchor_energy > 0:
-        shared = energy_basis(anchors.flatten(1), anchor_energy)
-        rows = rows - (rows @ shared) @ shared.T
-    _, singular, vh = torch.linalg.svd(rows, full_matrices=False)
-    return _own_directions(total, singular.square(), vh.T, energy)
+    """(C*H*W, r): the coordinate directions of every channel at each position where the
+    exemplars' mean differs from the anchors' (Welch's t per position and channel, Bonferroni
+    over all C*H*W tests at family-wise level `alpha`): the concept's footprint in the model's
+    image space, in no particular order. A position where both sets are constant and equal is
+    not in it; one where the exemplars are constant (a pixel-exact mark) and differ is."""
+    count, channels = len(concept), concept.shape[1]
+    exemplars, plain = concept.double().flatten(2), anchors.double().flatten(2)  # (N, C, H*W)
+    difference = (exemplars.mean(0) - plain.mean(0)).abs()
+    spread = (exemplars.var(0) / count + plain.var(0) / len(plain)).sqrt()
+    t = torch.where(difference > 0, difference / spread.clamp_min(1e-12), 0.0)
+    tests = difference.numel()
+    critical = torch.special.ndtri(torch.tensor(1 - alpha / (2 * tests), dtype=torch.float64))
+    positions = torch.nonzero((t > critical).any(0)).flatten()
+    width = positions.numel()
+    coordinates = (positions + torch.arange(channels).view(-1, 1) * exemplars.shape[2]).flatten()
+    basis = torch.zeros(tests, channels * width, dtype=torch.float64)
+    basis[coordinates, torch.arange(channels * width)] = 1.0
+    return basis

@@ -21,13 +21,15 @@ layers on their rows), one subspace per layer from its inputs on exemplar images
 with the directions that images without the concept share left free
 (`memguard.defenses.feature_subspace`).
 
-Image mode takes the same criterion to the model's output: the subspace is the concept's own
-directions in image space (pixels or VAE latents, from the exemplars), and the gradient of the
-loss with respect to the UNet's prediction is projected off it, so that no training image
-teaches the model anything along those directions, whichever layer would have learned it. It
-suits a concept with a fixed place and look (a watermark, a stamped logo); one that moves
-spans too many directions of image space. It guards no weight, so it has no leak certificate;
-it reports the fraction of the output gradient's energy it removed.
+Image mode takes projection to the model's output: the subspace is the concept's footprint in
+image space (pixels or VAE latents): all channels at the positions where the exemplars differ
+from training images that do not name the concept (`concept_footprint`), and the gradient of
+the loss with respect to the UNet's prediction is projected off it, so that no training image,
+with the concept or without, teaches the model anything there, whichever layer would have
+learned it; what the model draws there comes from what it learned elsewhere. It suits a concept
+with a fixed place (a watermark, a stamped logo); one that moves has no footprint smaller than
+the image. It guards no weight, so it has no leak certificate; it reports the fraction of the
+prediction gradient's energy it removed.
 
 Use it from `memguard train --defense projection --concept "the acme logo"` (add
 `--projection_mode feature|image --concept_exemplars DIR` for the other modes), or attach it
@@ -47,7 +49,7 @@ from memguard.data.folder import ImageFolderDataset
 from memguard.data.text import TextEncoder
 from memguard.defenses.feature_subspace import (
     concept_feature_bases,
-    concept_image_basis,
+    concept_footprint,
     energy_basis,
     feature_layers,
     layer_grams,
@@ -184,7 +186,9 @@ class ConceptProjection(Defense):
     mode "text": the cross-attention keys and values, one subspace of the text encoder's token
     states. mode "feature": the layers `feature_layers` chooses, one subspace per layer from its
     inputs on `exemplars` (a folder of images showing the concept, with captions), with the
-    directions shared by training images that do not name the concept removed."""
+    directions shared by training images that do not name the concept removed. mode "image":
+    the gradient of the loss at the model's prediction, off the concept's footprint in image
+    space (`concept_footprint` at family-wise level `footprint_alpha`)."""
 
     name = "projection"
 
@@ -201,6 +205,7 @@ class ConceptProjection(Defense):
         bases: dict[str, torch.Tensor] | None = None,
         refresh_steps: int = 0,
         side: str = "input",
+        footprint_alpha: float = 1e-3,
     ) -> None:
         """Text mode: give the `basis` (d, r), or the `concepts` to build it from at `setup` with
         the run's text encoder and training captions. Feature mode: give `bases` (module name ->
@@ -225,7 +230,7 @@ class ConceptProjection(Defense):
         self.layer_bases = {k: v.double() for k, v in (bases or {}).items()} or None
         self.concepts, self.energy, self.anchors = tuple(concepts), energy, tuple(anchors)
         self.exemplars, self.layers, self.anchor_energy = exemplars, tuple(layers), anchor_energy
-        self.refresh_steps = refresh_steps
+        self.refresh_steps, self.footprint_alpha = refresh_steps, footprint_alpha
         if side not in ("input", "output"):
             raise ValueError(f"projection side must be 'input' or 'output', not {side!r}")
         self.side = side
@@ -308,11 +313,8 @@ class ConceptProjection(Defense):
         if self.basis is None:
             if ctx is None or ctx.text_encoder is None:
                 raise ValueError("image mode without a `basis` needs the run's training context")
-            concept, anchor = exemplar_images(
-                ctx, self.exemplars, self.concepts, with_anchors=self.anchor_energy > 0
-            )
-            anchors = anchor.x0 if anchor is not None else None
-            self.basis = concept_image_basis(concept.x0, anchors, self.energy, self.anchor_energy)
+            concept, anchor = exemplar_images(ctx, self.exemplars, self.concepts, with_anchors=True)
+            self.basis = concept_footprint(concept.x0, anchor.x0, self.footprint_alpha)
         self._handles.append(model.register_forward_hook(self._on_prediction))
 
     def _on_prediction(self, module: nn.Module, inputs, output) -> None:
