@@ -10,8 +10,8 @@ audit` (METHODS.md section 1; the issue's evaluation table).
   feature_no_anchors: measured once and no directions left free for the anchors (METHODS.md's
   plain GPM recipe: the directions holding 99% of the exemplars' input energy); feature_output:
   the loss gradients at each layer's output instead of its inputs, refreshed, anchors at 0.9.
-- image: the exemplars' own directions in image space, projected off the gradient of the loss
-  at the UNet's prediction.
+- image: the gradient of the loss at the UNet's prediction projected off the concept's
+  footprint in image space (where the exemplars differ from training images not naming it).
 
 A training or audit run already present under `--runs` is reused, so the script can be resumed
 and arms can be added one by one. The step-time overhead of each defended arm against plain
@@ -20,6 +20,11 @@ ratio of adjacent runs is reported. Writes one JSON file and prints a Markdown t
 
     python benchmarks/projection_eval.py --data runs/bench/data --runs runs/bench \
         --output runs/bench/projection_eval.json
+
+Another training seed on the same data, without the timing:
+
+    python benchmarks/projection_eval.py --arms plain image --seed 1 --runs runs/bench_seed1 \
+        --overhead_repeats 0 --output runs/bench_seed1/projection_eval.json
 """
 
 from __future__ import annotations
@@ -94,8 +99,9 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
-def train_and_audit(arm: str, data: Path, runs: Path, config: Path) -> dict:
-    """Train the arm (unless its model exists) and audit it (unless audited); its results."""
+def train_and_audit(arm: str, data: Path, runs: Path, config: Path, seed: int | None) -> dict:
+    """Train the arm (unless its model exists) and audit it (unless audited); its results.
+    `seed`: the training seed, if not the config's."""
     model = runs / arm
     memguard = [sys.executable, "-m", "memguard"]
     if not (model / "memguard.json").is_file():
@@ -103,7 +109,8 @@ def train_and_audit(arm: str, data: Path, runs: Path, config: Path) -> dict:
         if arm == "oracle":
             train_dir = oracle_split(train_dir, runs / "oracle_data")
         run(memguard + ["train", "--config", str(config), "--train_data_dir", str(train_dir),
-                        "--output_dir", str(model)] + flags(arm_settings(arm, data)))  # fmt: skip
+                        "--output_dir", str(model)] + flags(arm_settings(arm, data))
+            + ([] if seed is None else ["--seed", str(seed)]))  # fmt: skip
     audit = model / "audit"
     if not (audit / "results.json").is_file():
         run(memguard + ["audit", "--model", str(model), "--train_data_dir", str(data / "train"),
@@ -184,6 +191,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("runs/bench/data"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench"))
     parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--seed", type=int, help="training seed (default: the config's)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--overhead_steps", type=int, default=40)
     parser.add_argument("--overhead_repeats", type=int, default=3, help="0: skip the timing")
@@ -191,9 +199,11 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = {
-        arm: figures(train_and_audit(arm, args.data, args.runs, args.config)) for arm in args.arms
+        arm: figures(train_and_audit(arm, args.data, args.runs, args.config, args.seed))
+        for arm in args.arms
     }
-    result = {"data": str(args.data.resolve()), "config": str(args.config), "arms": rows}
+    result = {"data": str(args.data.resolve()), "config": str(args.config), "seed": args.seed}
+    result["arms"] = rows
     defended = [arm for arm in args.arms if arm_settings(arm, args.data)]
     if defended and args.overhead_repeats > 0:
         result["step_time_overhead"] = step_time_overheads(
