@@ -271,6 +271,15 @@ def test_footprint_is_where_welch_rejects_equal_means() -> None:
     assert torch.equal(guarded, torch.from_numpy(rejected.any(axis=0)).double().expand(2, 16))
 
 
+def test_footprint_refuses_to_guard_nothing() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(100, 2, 4, 4, generator=generator, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no position where the exemplars differ"):
+        concept_footprint(images[:50], images[50:], alpha=1e-3)  # one distribution
+    with pytest.raises(ValueError, match="at least 2 exemplars"):
+        concept_footprint(images[:1], images[50:], alpha=1e-3)
+
+
 def test_image_mode_projects_the_prediction_gradient() -> None:
     """The parameter gradients under image mode are those of the loss on the residual projected
     off the subspace: mean(((pred - target) (I - U U^T))^2)."""

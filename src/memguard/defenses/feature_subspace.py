@@ -217,7 +217,13 @@ def concept_footprint(
     exemplars' mean differs from the anchors' (Welch's t per position and channel, Bonferroni
     over all C*H*W tests at family-wise level `alpha`): the concept's footprint in the model's
     image space, in no particular order. A position where both sets are constant and equal is
-    not in it; one where the exemplars are constant (a pixel-exact mark) and differ is."""
+    not in it; one where the exemplars are constant (a pixel-exact mark) and differ is. An
+    empty footprint is an error: the concept would go unguarded."""
+    if min(len(concept), len(anchors)) < 2:
+        raise ValueError(
+            f"the footprint test needs at least 2 exemplars and 2 anchors, got "
+            f"{len(concept)} and {len(anchors)}"
+        )
     count, channels = len(concept), concept.shape[1]
     exemplars, plain = concept.double().flatten(2), anchors.double().flatten(2)  # (N, C, H*W)
     difference = (exemplars.mean(0) - plain.mean(0)).abs()
@@ -227,6 +233,11 @@ def concept_footprint(
     critical = torch.special.ndtri(torch.tensor(1 - alpha / (2 * tests), dtype=torch.float64))
     positions = torch.nonzero((t > critical).any(0)).flatten()
     width = positions.numel()
+    if width == 0:
+        raise ValueError(
+            f"no position where the exemplars differ from images without the concept at "
+            f"family-wise level {alpha}: is the concept at a fixed place in its images?"
+        )
     coordinates = (positions + torch.arange(channels).view(-1, 1) * exemplars.shape[2]).flatten()
     basis = torch.zeros(tests, channels * width, dtype=torch.float64)
     basis[coordinates, torch.arange(channels * width)] = 1.0

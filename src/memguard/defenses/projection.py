@@ -216,7 +216,9 @@ class ConceptProjection(Defense):
         features the model builds for the concept during training are guarded too. `side`
         "output" guards, instead of the inputs' directions, the directions of the loss gradient
         at each layer's output (its error signals) on the exemplars: the layer's weight and bias
-        cannot change what it emits along them, whatever its input."""
+        cannot change what it emits along them, whatever its input. Image mode: give the
+        `basis` (C*H*W, r) in the model's image space, or `exemplars` to find the concept's
+        footprint from at `setup`, against as many training images not naming `concepts`."""
         if mode not in ("text", "feature", "image"):
             raise ValueError(f"projection mode must be 'text', 'feature' or 'image', not {mode!r}")
         if mode == "text" and basis is None and not concepts:
