@@ -1,4 +1,4 @@
-"""Concept-level gradient projection in text and feature mode: exactness, the certificate,
+"""Concept-level gradient projection in text, feature and image mode: exactness, the certificate,
 attach/detach, the subspaces."""
 
 from __future__ import annotations

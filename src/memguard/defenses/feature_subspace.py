@@ -214,11 +214,12 @@ def concept_footprint(
     alpha: float,
 ) -> torch.Tensor:
     """(C*H*W, r): the coordinate directions of every channel at each position where the
-    exemplars' mean differs from the anchors' (Welch's t per position and channel, Bonferroni
-    over all C*H*W tests at family-wise level `alpha`): the concept's footprint in the model's
-    image space, in no particular order. A position where both sets are constant and equal is
-    not in it; one where the exemplars are constant (a pixel-exact mark) and differ is. An
-    empty footprint is an error: the concept would go unguarded."""
+    exemplars' mean differs from the anchors' (Welch's t per position and channel against the
+    normal quantile, Bonferroni over all C*H*W tests at family-wise level `alpha`): the
+    concept's footprint in the model's image space, in no particular order. A position where
+    both sets are constant and equal is not in it; one where the exemplars are constant (a
+    pixel-exact mark) and differ is. An empty footprint is an error: the concept would go
+    unguarded."""
     if min(len(concept), len(anchors)) < 2:
         raise ValueError(
             f"the footprint test needs at least 2 exemplars and 2 anchors, got "

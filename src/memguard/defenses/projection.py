@@ -1,5 +1,5 @@
-"""Concept-level gradient projection in text and feature mode (Kothandaraman & Pytlarz, "Beyond
-Memorization: Gradient Projection Enables Selective Learning in Diffusion Models", arXiv
+"""Concept-level gradient projection in text, feature and image mode (Kothandaraman & Pytlarz,
+"Beyond Memorization: Gradient Projection Enables Selective Learning in Diffusion Models", arXiv
 2512.11194; the subspace construction is memguard's reading of METHODS.md section 1).
 
 A weight W acting on inputs x learns only through outer products g x^T, so right-multiplying its
