@@ -202,8 +202,12 @@ def main() -> None:
         arm: figures(train_and_audit(arm, args.data, args.runs, args.config, args.seed))
         for arm in args.arms
     }
-    result = {"data": str(args.data.resolve()), "config": str(args.config), "seed": args.seed}
-    result["arms"] = rows
+    result = {
+        "data": str(args.data.resolve()),
+        "config": str(args.config),
+        "seed": args.seed,
+        "arms": rows,
+    }
     defended = [arm for arm in args.arms if arm_settings(arm, args.data)]
     if defended and args.overhead_repeats > 0:
         result["step_time_overhead"] = step_time_overheads(

@@ -21,10 +21,14 @@ from memguard.defenses.feature_subspace import (
     basis_from_gram,
     concept_feature_bases,
     concept_footprint,
-    energy_basis,
     layer_rows,
 )
-from memguard.defenses.projection import concept_states, concept_subspace, guarded_weights
+from memguard.defenses.projection import (
+    concept_states,
+    concept_subspace,
+    energy_basis,
+    guarded_weights,
+)
 from memguard.models import build_unet
 from test_trainer import assert_same_weights
 

@@ -165,26 +165,6 @@ def basis_from_gram(gram: torch.Tensor, energy: float) -> torch.Tensor:
     return vectors[:, :rank].contiguous()
 
 
-def energy_basis(rows: torch.Tensor, energy: float) -> torch.Tensor:
-    """(d, r) orthonormal: the top right-singular vectors of `rows` (n, d) holding `energy` of
-    sum(S^2)."""
-    _, singular, vh = torch.linalg.svd(rows.double(), full_matrices=False)
-    cumulative = torch.cumsum(singular**2, 0) / (singular**2).sum()
-    rank = int((cumulative < energy).sum()) + 1
-    return vh[:rank].T.contiguous()
-
-
-def _own_directions(
-    total: float, values: torch.Tensor, vectors: torch.Tensor, energy: float
-) -> torch.Tensor:
-    """GPM's criterion: of the concept's energy left outside the shared directions (eigenvalues
-    `values`, descending, eigenvectors `vectors`), the top directions that bring what shared and
-    guarded directions explain together to `energy` of the concept's `total`."""
-    needed = energy * total - (total - float(values.sum()))  # still to explain
-    rank = 0 if needed <= 0 else int((torch.cumsum(values, 0) < needed).sum()) + 1
-    return vectors[:, : min(rank, len(values))].contiguous()
-
-
 def concept_feature_bases(
     concept_grams: dict[str, torch.Tensor],
     anchor_grams: dict[str, torch.Tensor] | None,
@@ -203,8 +183,11 @@ def concept_feature_bases(
             shared = basis_from_gram(anchor_grams[name], anchor_energy)
             complement = torch.eye(len(gram), dtype=gram.dtype) - shared @ shared.T
             gram = complement @ gram @ complement
+        needed = energy * total - (total - float(gram.trace()))  # still to explain
         values, vectors = torch.linalg.eigh(gram)
-        bases[name] = _own_directions(total, values.flip(0).clamp_min(0), vectors.flip(1), energy)
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        rank = 0 if needed <= 0 else int((torch.cumsum(values, 0) < needed).sum()) + 1
+        bases[name] = vectors[:, : min(rank, len(values))].contiguous()
     return bases
 
 

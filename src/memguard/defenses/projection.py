@@ -50,7 +50,6 @@ from memguard.data.text import TextEncoder
 from memguard.defenses.feature_subspace import (
     concept_feature_bases,
     concept_footprint,
-    energy_basis,
     feature_layers,
     layer_grams,
 )
@@ -100,6 +99,14 @@ def concept_states(
     if not rows:
         raise ValueError(f"concept {concept!r}: its tokens fit in no prompt (raise max length?)")
     return torch.cat(rows)
+
+
+def energy_basis(vectors: torch.Tensor, energy: float) -> torch.Tensor:
+    """(d, r) orthonormal: the top right-singular vectors holding `energy` of sum(S^2)."""
+    _, singular, vh = torch.linalg.svd(vectors.double(), full_matrices=False)
+    cumulative = torch.cumsum(singular**2, 0) / (singular**2).sum()
+    rank = int((cumulative < energy).sum()) + 1
+    return vh[:rank].T.contiguous()
 
 
 @torch.no_grad()
