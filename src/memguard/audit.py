@@ -201,7 +201,7 @@ class Auditor:
         for path, flag in ((config.sscd, "--sscd"), (config.inception, "--inception")):
             if path is not None:  # before anything is sampled or written
                 check_file(path, flag)
-        self.model: DiffusionModel = load_model(config.model)
+        self.model: DiffusionModel = load_model(config.model, config.device)
         self.warnings: list[str] = []
 
     def generate(self, prompts: list[str], num_images: int) -> torch.Tensor:

@@ -186,6 +186,15 @@ class TrainConfig:
         "noise schedule of a from-scratch model",
         choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
     )
+    prediction_type: str = option(
+        "epsilon",
+        "what a from-scratch model predicts: the noise (epsilon) or v = sqrt(abar) eps - "
+        "sqrt(1 - abar) x0 (v_prediction, Salimans & Ho 2022)",
+        choices=("epsilon", "v_prediction"),
+    )
+    snr_gamma: float = option(
+        0.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's value (0: off)"
+    )
     defense: tuple[str, ...] = option((), "defense to attach (repeatable): agc, projection")
     concept: tuple[str, ...] = option((), "projection: a prohibited concept (repeatable)")
     projection_energy: float = option(
@@ -244,6 +253,7 @@ class TrainConfig:
         _require(self.checkpointing_steps > 0, "checkpointing_steps: must be positive")
         unknown = sorted(set(self.defense) - set(DEFENSES))
         _require(not unknown, f"defense: unknown {unknown} (known: {', '.join(DEFENSES)})")
+        _require(self.snr_gamma >= 0, "snr_gamma: must be >= 0")
         _require(self.agc_gamma > 0, "agc_gamma: must be positive")
         _require(
             "projection" not in self.defense or bool(self.concept),
@@ -359,6 +369,11 @@ class AuditConfig:
         300, "concept extraction: textual-inversion steps of the learned-embedding attack (0: off)"
     )
     batch_size: int = option(64, "images denoised at once")
+    device: str | None = option(
+        None,
+        "torch device for the model's measures ('cuda', 'cuda:1', 'cpu'; default: cuda "
+        "when present, else cpu)",
+    )
 
     def __post_init__(self) -> None:
         _require(self.model is not None, "model: required")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 
 def per_sample_loss(
@@ -28,6 +29,20 @@ def per_sample_loss(
     else:
         target = noise
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def min_snr_weights(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy", ICCV 2023), shape (B,): min(SNR_t, gamma) / SNR_t for an epsilon
+    target, min(SNR_t, gamma) / (SNR_t + 1) for a v target, so that the weight the loss puts
+    on the clean image is min(SNR_t, gamma) either way."""
+    snr = compute_snr(scheduler, timesteps).float()
+    clipped = snr.clamp(max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped / snr.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @torch.no_grad()

@@ -70,12 +70,14 @@ def build_unet(
     )
 
 
-def noise_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDPMScheduler:
-    """The training noise schedule of a from-scratch model (epsilon prediction)."""
+def noise_scheduler(
+    num_train_timesteps: int, beta_schedule: str, prediction_type: str = "epsilon"
+) -> DDPMScheduler:
+    """The training noise schedule of a from-scratch model."""
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=False,
     )
 

@@ -56,10 +56,11 @@ class DiffusionModel:
         return (self.unet.config.in_channels, size, size)
 
 
-def load_model(model_dir: str | Path) -> DiffusionModel:
+def load_model(model_dir: str | Path, device: str | torch.device | None = None) -> DiffusionModel:
     """Load a model folder: memguard's output, a diffusers pipeline folder, or a bare UNet folder.
 
-    A bare UNet folder without memguard.json is read with the MiniLM text encoder (it must have
+    The UNet (and VAE) go to `device` (default: `best_device()`). A bare UNet folder without
+    memguard.json is read with the MiniLM text encoder (it must have
     cross_attention_dim 384) and its `scheduler_config.json` if present.
     """
     root = Path(model_dir)
@@ -92,10 +93,18 @@ def load_model(model_dir: str | Path) -> DiffusionModel:
             vae = AutoencoderKL.from_pretrained(metadata["vae"], subfolder="vae")
     else:
         raise FileNotFoundError(f"--model {root}: neither a UNet folder nor a pipeline folder")
-    unet.eval().requires_grad_(False)
+    device = best_device(device) if not isinstance(device, torch.device) else device
+    unet.eval().requires_grad_(False).to(device)
     if vae is not None:
-        vae.eval().requires_grad_(False)
+        vae.eval().requires_grad_(False).to(device)
     return DiffusionModel(unet, dict(scheduler.config), encoder, vae, metadata)
+
+
+def best_device(device: str | None = None) -> torch.device:
+    """`device` when given, else the first GPU when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_sampler(name: str, scheduler_config: dict):
@@ -119,6 +128,15 @@ def initial_noise(shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor
     )
 
 
+def as_noise(schedule, predictions: tuple[torch.Tensor, ...], x: torch.Tensor, t) -> tuple:
+    """Model outputs at x_t as noise predictions: eps = sqrt(abar) v + sqrt(1 - abar) x_t for
+    a v-prediction model, unchanged for an epsilon one."""
+    if schedule.config.prediction_type != "v_prediction":
+        return predictions
+    abar = schedule.alphas_cumprod[int(t)].to(x.device, x.dtype)
+    return tuple(abar.sqrt() * v + (1 - abar).sqrt() * x for v in predictions)
+
+
 @torch.no_grad()
 def denoise(
     model: DiffusionModel,
@@ -132,8 +150,9 @@ def denoise(
 ) -> torch.Tensor:
     """Run the reverse process from `noise`; images in [0, 1], shape (B, 3, H', W').
 
-    `on_step(i, unconditional, conditional)` sees both noise predictions of step i (guided
-    sampling only); memorization detection reads them there.
+    `on_step(i, unconditional, conditional)` sees both noise predictions of step i as noise
+    (epsilon) predictions, whatever the model predicts (guided sampling only); memorization
+    detection reads them there.
     """
     device = next(model.unet.parameters()).device
     schedule = make_sampler(sampler, model.scheduler_config)
@@ -148,7 +167,7 @@ def denoise(
         if guided:
             unconditional, conditional = prediction.chunk(2)
             if on_step is not None:
-                on_step(i, unconditional, conditional)
+                on_step(i, *as_noise(schedule, (unconditional, conditional), x, t))
             prediction = unconditional + guidance_scale * (conditional - unconditional)
         x = schedule.step(prediction, t, x).prev_sample
     if model.vae is not None:

@@ -35,6 +35,8 @@ def learn_concept_embedding(
     if not isinstance(encoder, MiniLMEncoder):
         raise NotImplementedError("textual inversion is implemented for the MiniLM encoder only")
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    device = next(model.unet.parameters()).device
+    exemplars = exemplars.to(device)
     x0 = to_latents(model.vae, exemplars) if model.vae is not None else exemplars
     vector = encoder.word_embedding(init_word).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([vector], lr=learning_rate)
@@ -46,7 +48,10 @@ def learn_concept_embedding(
             0, scheduler.config.num_train_timesteps, (len(index),), generator=generator
         )
         noise = torch.randn(x0[index].shape, generator=generator)
-        loss = per_sample_loss(model.unet, scheduler, x0[index], states, timesteps, noise).mean()
+        loss = per_sample_loss(
+            model.unet, scheduler, x0[index.to(device)], states.to(device), timesteps.to(device),
+            noise.to(device),
+        ).mean()  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

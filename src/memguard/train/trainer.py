@@ -37,7 +37,7 @@ from memguard import __version__
 from memguard.config import ConfigError, TrainConfig, to_dict
 from memguard.data.folder import ImageFolderDataset, fingerprint
 from memguard.data.text import CaptionEmbeddings, CLIPEncoder, MiniLMEncoder, TextEncoder
-from memguard.diffusion import per_sample_loss, to_latents
+from memguard.diffusion import min_snr_weights, per_sample_loss, to_latents
 from memguard.models import add_lora, build_unet, load_stable_diffusion, noise_scheduler
 from memguard.train.checkpoint import (
     METADATA_FILE,
@@ -192,7 +192,10 @@ class Trainer:
                 add_lora(unet, cfg.lora_rank)
         else:
             unet = build_unet(cfg.model_preset, cfg.resolution, encoder.hidden_size)
-            vae, scheduler = None, noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule)
+            vae, scheduler = (
+                None,
+                noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type),
+            )
         if unet.config.cross_attention_dim != encoder.hidden_size:
             raise ConfigError(
                 f"text_encoder: '{cfg.text_encoder}' gives states of width {encoder.hidden_size}, "
@@ -303,6 +306,8 @@ class Trainer:
 
             with accelerator.accumulate(unet):
                 losses = per_sample_loss(unet, scheduler, x0, states, timesteps, noise)
+                if cfg.snr_gamma > 0:
+                    losses = losses * min_snr_weights(scheduler, timesteps, cfg.snr_gamma)
                 hook_batch = {
                     "x0": x0,
                     "captions": batch["caption"],
