@@ -18,10 +18,13 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from memguard.config import TrainConfig, to_dict
+from memguard.defenses import Defense
+from memguard.defenses.registry import build_training
 
 
-def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
-    """A few steps of the tiny preset on 8 px images: seconds on a CPU."""
+def tiny_settings(data_dir: Path, output_dir: Path, **overrides) -> dict:
+    """`memguard train` settings (defense flags too) for a few steps of the tiny preset on 8 px
+    images: seconds on a CPU."""
     values = {
         "train_data_dir": str(data_dir),
         "output_dir": str(output_dir),
@@ -36,8 +39,20 @@ def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
         "logging_steps": 2,
         "seed": 0,
     }
+    if overrides.get("pretrained_model_name_or_path"):
+        del values["model_preset"]  # the pipeline brings its own UNet
     values.update(overrides)
-    return TrainConfig(**values)
+    return values
+
+
+def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
+    """The TrainConfig of `tiny_settings` (no defense flags)."""
+    return TrainConfig(**tiny_settings(data_dir, output_dir, **overrides))
+
+
+def tiny_run(data_dir: Path, output_dir: Path, **overrides) -> tuple[TrainConfig, list[Defense]]:
+    """The TrainConfig and defenses `memguard train` builds from `tiny_settings`."""
+    return build_training(tiny_settings(data_dir, output_dir, **overrides), source="test")
 
 
 def _byte_characters() -> list[str]:
@@ -116,11 +131,12 @@ def make_tiny_stable_diffusion(path: Path) -> Path:
     return path
 
 
-def cli_flags(config: TrainConfig) -> list[str]:
-    """The `memguard train` flags that reproduce `config` (tuples as repeated flags)."""
+def cli_flags(settings: TrainConfig | dict) -> list[str]:
+    """The `memguard train` flags that reproduce `settings` (sequences as repeated flags)."""
+    values = to_dict(settings) if isinstance(settings, TrainConfig) else settings
     flags = []
-    for key, value in to_dict(config).items():
-        for item in value if isinstance(value, list) else [value]:
+    for key, value in values.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
             if item is not None:
                 flags += [f"--{key}", str(item)]
     return flags
@@ -132,12 +148,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_on_two_processes(config: TrainConfig) -> subprocess.CompletedProcess:
+def train_on_two_processes(settings: TrainConfig | dict) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 -m memguard train ...` on the CPU."""
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "memguard", "train", *cli_flags(config),
+        "--main_process_port", str(_free_port()), "-m", "memguard", "train", *cli_flags(settings),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)

@@ -1,4 +1,5 @@
-"""Anti-gradient control: the rule of METHODS.md section 2, strength zero, masking and resume."""
+"""Anti-gradient control (IET-AGC, Liu et al., ECCV 2024): the rule, strength zero, masking,
+the bank sized by the run, and resume."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import tiny_config, tiny_run
 from memguard import Trainer
-from memguard.config import TrainConfig
-from memguard.defenses import AntiGradientControl, build_defenses
-from memguard.train.hooks import TrainingContext, weighted_mean
+from memguard.config import ConfigError
+from memguard.defenses import AntiGradientControl, TrainingContext, weighted_mean
+from memguard.defenses.registry import build_training
 from test_trainer import assert_same_weights
 
 
@@ -35,7 +36,7 @@ def test_masks_and_bank_follow_the_rule() -> None:
         for _ in range(20)
     ]
     agc = AntiGradientControl(gamma=1.25, num_timesteps=5)
-    ctx = TrainingContext(accelerator=None, config=None)
+    ctx = TrainingContext()
     masks = []
     for losses, timesteps in batches:
         batch = {"timesteps": torch.tensor(timesteps), "indices": torch.arange(16)}
@@ -50,7 +51,7 @@ def test_masks_and_bank_follow_the_rule() -> None:
 
 def test_masked_samples_leave_the_loss() -> None:
     losses = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    ctx = TrainingContext(accelerator=None, config=None)
+    ctx = TrainingContext()
     assert weighted_mean(losses, torch.tensor([1.0, 0.0, 1.0, 0.0]), ctx) == 2.0
     assert weighted_mean(losses, torch.zeros(4), ctx) == 0.0  # all skipped: no gradient, no NaN
 
@@ -83,11 +84,29 @@ def test_skipping_changes_training_and_resumes_exactly(shapes_dir: Path, tmp_pat
     Trainer(resumed, [resumed_agc]).train()
     assert_same_weights(tmp_path / "full", tmp_path / "split")
     assert resumed_agc.report() == full.report()
-    report = json.loads((tmp_path / "full" / "memguard.json").read_text())["defenses"]["agc"]
-    assert report == json.loads(json.dumps(full.report()))
+    (record,) = json.loads((tmp_path / "full" / "memguard.json").read_text())["defenses"]
+    assert record["report"] == json.loads(json.dumps(full.report()))
 
 
-def test_cli_builds_named_defenses() -> None:
-    config = TrainConfig(train_data_dir="d", defense=("agc",), agc_gamma=1.25)
-    (agc,) = build_defenses(config)
+def test_the_bank_has_one_entry_per_training_timestep_of_the_run(shapes_dir: Path, tmp_path):
+    config, (agc,) = tiny_run(
+        shapes_dir / "train", tmp_path / "agc", defense=("agc",), num_train_timesteps=10,
+        max_train_steps=2,
+    )  # fmt: skip
+    Trainer(config, [agc]).train()
+    assert len(agc.bank) == 10 and agc.bank.count_nonzero() > 0
+    config = tiny_config(shapes_dir / "train", tmp_path / "bad", num_train_timesteps=10)
+    with pytest.raises(ValueError, match="num_timesteps=1000, but the run's scheduler has 10"):
+        Trainer(config, [AntiGradientControl(num_timesteps=1000)]).train()
+
+
+def test_settings_build_the_named_defense_and_nothing_else() -> None:
+    config, (agc,) = build_training(
+        {"train_data_dir": "d", "defense": ["agc"], "agc_gamma": "1.25"}, source="run.yaml"
+    )
     assert isinstance(agc, AntiGradientControl) and agc.gamma == 1.25
+    assert agc.config.gamma == 1.25 and config.defense == ("agc",)
+    with pytest.raises(ConfigError, match=r"run.yaml: agc_gamma: a setting of --defense agc"):
+        build_training({"train_data_dir": "d", "agc_gamma": 1.25}, source="run.yaml")
+    with pytest.raises(ConfigError, match=r"agc_gamma: must be positive"):
+        build_training({"train_data_dir": "d", "defense": ["agc"], "agc_gamma": 0})

@@ -18,7 +18,7 @@ from memguard.attacks.concept import (
 from memguard.data.folder import ImageFolderDataset
 from memguard.data.text import MiniLMEncoder
 from memguard.diffusion import per_sample_loss
-from memguard.sampling import load_model
+from memguard.io import load_model
 
 
 def test_placeholder_with_a_words_embedding_encodes_that_word() -> None:

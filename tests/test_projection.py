@@ -1,9 +1,10 @@
 """Concept-level gradient projection in text, feature and image mode: exactness, the certificate,
-attach/detach, the subspaces."""
+attach/detach, strength zero, resume, the subspaces, and the settings of each mode."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,25 +13,34 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from helpers import make_tiny_stable_diffusion, tiny_config, train_on_two_processes
+from helpers import (
+    make_tiny_stable_diffusion,
+    tiny_config,
+    tiny_run,
+    tiny_settings,
+    train_on_two_processes,
+)
 from memguard import Trainer
+from memguard.config import ConfigError
 from memguard.data.shapes import stamp_logo
 from memguard.data.text import MiniLMEncoder
-from memguard.defenses import ConceptProjection, build_defenses
+from memguard.defenses import (
+    FeatureProjection,
+    ImageProjection,
+    TextProjection,
+    rebuild,
+)
 from memguard.defenses.feature_subspace import (
     basis_from_gram,
     concept_feature_bases,
     concept_footprint,
+    feature_layers,
     layer_rows,
 )
-from memguard.defenses.projection import (
-    concept_states,
-    concept_subspace,
-    energy_basis,
-    guarded_weights,
-)
+from memguard.defenses.projection_text import concept_states, concept_subspace, guarded_weights
+from memguard.defenses.subspace import energy_basis, rows_of
 from memguard.models import build_unet
-from test_trainer import assert_same_weights
+from test_trainer import WEIGHTS, assert_same_weights
 
 CONCEPT = ("the acme logo",)
 
@@ -46,14 +56,35 @@ def test_subspace_is_orthonormal_and_spans_the_concept_states() -> None:
     assert smaller.shape[1] < basis.shape[1]
 
 
-def test_empty_subspace_equals_plain_training(shapes_dir: Path, tmp_path: Path) -> None:
+def defense_records(output_dir: Path) -> dict[str, dict]:
+    """memguard.json's defense records, by name."""
+    records = json.loads((output_dir / "memguard.json").read_text())["defenses"]
+    return {record["name"]: record for record in records}
+
+
+def empty_projection(mode: str) -> TextProjection | FeatureProjection | ImageProjection:
+    """A projection of each mode at strength zero: subspaces with no direction."""
+    if mode == "text":
+        return TextProjection(basis=torch.zeros(384, 0))
+    if mode == "image":
+        return ImageProjection(basis=torch.zeros(3 * 8 * 8, 0))
+    unet = build_unet("tiny", 8, cross_attention_dim=384)
+    bases = {
+        name: torch.zeros(rows_of(module.weight).shape[1], 0)
+        for name, module in feature_layers(unet).items()
+    }
+    return FeatureProjection(bases=bases, refresh_steps=0)
+
+
+@pytest.mark.parametrize("mode", ["text", "feature", "image"])
+def test_strength_zero_equals_plain_training(mode: str, shapes_dir: Path, tmp_path: Path):
     Trainer(tiny_config(shapes_dir / "train", tmp_path / "plain")).train()
-    nothing = ConceptProjection(basis=torch.zeros(384, 0))
+    nothing = empty_projection(mode)
     Trainer(tiny_config(shapes_dir / "train", tmp_path / "projected"), [nothing]).train()
     assert_same_weights(tmp_path / "plain", tmp_path / "projected")
 
 
-class GradientOnly(ConceptProjection):
+class GradientOnly(TextProjection):
     """Projects gradients but not the update: what Adam and weight decay break."""
 
     def after_step(self, model, ctx) -> None:
@@ -61,15 +92,15 @@ class GradientOnly(ConceptProjection):
 
 
 def test_certificate_needs_the_update_reprojection(shapes_dir: Path, tmp_path: Path) -> None:
-    config = tiny_config(
-        shapes_dir / "train", tmp_path / "full", max_text_length=16, adam_weight_decay=0.1
-    )
-    projection = ConceptProjection(concepts=CONCEPT)
+    config, (projection,) = tiny_run(
+        shapes_dir / "train", tmp_path / "full", max_text_length=16, adam_weight_decay=0.1,
+        defense=("projection",), concept=CONCEPT,
+    )  # fmt: skip
     Trainer(config, [projection]).train()
-    report = json.loads((tmp_path / "full" / "memguard.json").read_text())["defenses"]
-    assert report["projection"]["leak"] <= 1e-5
-    assert report["projection"]["guarded_weights"] == 8  # to_k, to_v of 4 cross-attentions
-    gradient_only = GradientOnly(concepts=CONCEPT)
+    report = defense_records(tmp_path / "full")["projection"]["report"]
+    assert report["leak"] <= 1e-5
+    assert report["guarded_weights"] == 8  # to_k, to_v of 4 cross-attentions
+    gradient_only = GradientOnly(concept=CONCEPT)
     config = tiny_config(
         shapes_dir / "train", tmp_path / "grad", max_text_length=16, adam_weight_decay=0.1
     )
@@ -77,19 +108,59 @@ def test_certificate_needs_the_update_reprojection(shapes_dir: Path, tmp_path: P
     assert gradient_only.leak() > 1e-3
 
 
-def test_attach_then_detach_leaves_the_model_untouched() -> None:
-    torch.manual_seed(0)
-    unet = build_unet("tiny", 8, cross_attention_dim=384)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+def _sgd_steps(unet, optimizer, steps: int = 2) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(2, 3, 8, 8, generator=generator)
+        states = torch.randn(2, 4, 384, generator=generator)
+        unet(
+            x, torch.tensor([10, 500]), encoder_hidden_states=states
+        ).sample.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("mode", ["text", "image"])
+def test_attach_then_detach_leaves_the_model_untouched(mode: str) -> None:
+    """Attached, the projection changes training; detached, the model is bit-identical and the
+    same steps train it exactly as if it had never been attached."""
+
+    def fresh():
+        torch.manual_seed(0)
+        unet = build_unet("tiny", 8, cross_attention_dim=384)
+        return unet, torch.optim.SGD(unet.parameters(), lr=1e-2)
+
+    generator = torch.Generator().manual_seed(0)
+    if mode == "text":
+        projection = TextProjection(
+            basis=torch.linalg.qr(torch.randn(384, 3, generator=generator))[0]
+        )
+    else:
+        projection = ImageProjection(
+            basis=torch.linalg.qr(torch.randn(192, 5, generator=generator))[0]
+        )
+    unet, optimizer = fresh()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    projection = ConceptProjection(basis=torch.linalg.qr(torch.randn(384, 3))[0])
     projection.attach(unet, optimizer)
     with pytest.raises(RuntimeError, match="already attached"):
         projection.attach(unet, optimizer)
     projection.detach()
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
-    assert not optimizer._optimizer_step_post_hooks
+    assert not optimizer._optimizer_step_post_hooks and not unet._forward_hooks
     assert not any(p._post_accumulate_grad_hooks for p in unet.parameters())
+    _sgd_steps(unet, optimizer)
+    plain, plain_optimizer = fresh()
+    _sgd_steps(plain, plain_optimizer)
+    assert all(
+        torch.equal(a, b) for a, b in zip(unet.parameters(), plain.parameters(), strict=True)
+    )
+    defended, defended_optimizer = fresh()
+    projection.attach(defended, defended_optimizer)
+    _sgd_steps(defended, defended_optimizer)
+    projection.detach()
+    assert not all(
+        torch.equal(a, b) for a, b in zip(defended.parameters(), plain.parameters(), strict=True)
+    )
 
 
 def test_attached_to_a_plain_loop_the_concept_does_not_move() -> None:
@@ -97,7 +168,7 @@ def test_attached_to_a_plain_loop_the_concept_does_not_move() -> None:
     unet = build_unet("tiny", 8, cross_attention_dim=384)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-2, weight_decay=0.1)
     basis = torch.linalg.qr(torch.randn(384, 3, dtype=torch.float64))[0]
-    projection = ConceptProjection(basis=basis).attach(unet, optimizer)
+    projection = TextProjection(basis=basis).attach(unet, optimizer)
     before = {n: g.param.detach().clone() for n, g in guarded_weights(unet).items()}
     for _ in range(3):
         x, states = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 384)
@@ -115,7 +186,7 @@ def test_attached_to_a_plain_loop_the_concept_does_not_move() -> None:
 
 
 def test_certificate_holds_on_two_processes(shapes_dir: Path, tmp_path: Path) -> None:
-    config = tiny_config(
+    settings = tiny_settings(
         shapes_dir / "train",
         tmp_path / "two",
         train_batch_size=4,
@@ -123,16 +194,16 @@ def test_certificate_holds_on_two_processes(shapes_dir: Path, tmp_path: Path) ->
         defense=("projection",),
         concept=CONCEPT,
     )
-    done = train_on_two_processes(config)
+    done = train_on_two_processes(settings)
     assert done.returncode == 0, done.stderr[-3000:]
     metadata = json.loads((tmp_path / "two" / "memguard.json").read_text())
     assert metadata["num_processes"] == 2
-    assert metadata["defenses"]["projection"]["leak"] <= 1e-5
+    assert defense_records(tmp_path / "two")["projection"]["report"]["leak"] <= 1e-5
 
 
 def test_lora_adapters_are_projected(shapes_dir: Path, tmp_path: Path) -> None:
     pipeline = make_tiny_stable_diffusion(tmp_path / "sd")
-    projection = ConceptProjection(concepts=CONCEPT)
+    projection = TextProjection(concept=CONCEPT)
     config = tiny_config(
         shapes_dir / "train",
         tmp_path / "lora",
@@ -184,9 +255,9 @@ def test_directions_the_anchors_share_are_not_guarded() -> None:
     assert inside.shape[1] == 0
 
 
-def feature_config(shapes_dir: Path, output: Path, **overrides):
-    """Tiny training run with feature-mode (or `projection_mode`) projection on the benchmark's
-    exemplars."""
+def feature_run(shapes_dir: Path, output: Path, **overrides):
+    """(config, [projection]) of a tiny training run with feature-mode (or `projection_mode`)
+    projection on the benchmark's exemplars."""
     settings = {
         "adam_weight_decay": 0.1,
         "defense": ("projection",),
@@ -194,42 +265,40 @@ def feature_config(shapes_dir: Path, output: Path, **overrides):
         "projection_mode": "feature",
         "concept_exemplars": str(shapes_dir / "concept_exemplars"),
     }
-    return tiny_config(shapes_dir / "train", output, **(settings | overrides))
+    return tiny_run(shapes_dir / "train", output, **(settings | overrides))
 
 
 def test_feature_mode_certificate_on_convolutions(shapes_dir: Path, tmp_path: Path) -> None:
-    config = feature_config(
+    config, (projection,) = feature_run(
         shapes_dir,
         tmp_path / "feature",
         projection_anchor_energy=0.0,  # no directions left free: every layer gets a subspace
     )
-    projection = build_defenses(config)[0]
     Trainer(config, [projection]).train()
-    report = json.loads((tmp_path / "feature" / "memguard.json").read_text())["defenses"]
-    assert report["projection"]["mode"] == "feature"
-    assert report["projection"]["leak"] <= 1e-5
+    report = defense_records(tmp_path / "feature")["projection"]["report"]
+    assert report["mode"] == "feature"
+    assert report["leak"] <= 1e-5
     assert "conv_in.weight" in projection.weights and "conv_out.weight" in projection.weights
     assert not any(name.endswith(("attn2.to_k.weight", "time_emb_proj.weight"))
                    for name in projection.weights)  # fmt: skip
-    assert report["projection"]["subspace_rank"] > 0
+    assert report["subspace_rank"] > 0
 
 
 def test_refreshed_subspaces_grow_and_keep_the_certificate(shapes_dir: Path, tmp_path: Path):
-    config = feature_config(
+    config, (projection,) = feature_run(
         shapes_dir,
         tmp_path / "refresh",
         learning_rate=1e-2,
         projection_refresh_steps=2,
     )
-    projection = build_defenses(config)[0]
     ranks = []
-    original_refresh = projection.refresh
+    original_measure = projection.measure
 
-    def counting_refresh(model, ctx) -> None:
-        original_refresh(model, ctx)
+    def counting_measure(model, ctx) -> None:
+        original_measure(model, ctx)
         ranks.append(sum(u.shape[1] for u in projection.layer_bases.values()))
 
-    projection.refresh = counting_refresh
+    projection.measure = counting_measure
     Trainer(config, [projection]).train()
     assert len(ranks) == 3  # at the start, then twice during the 6 steps
     assert ranks[0] > 0 and ranks[-1] > ranks[0]
@@ -237,13 +306,12 @@ def test_refreshed_subspaces_grow_and_keep_the_certificate(shapes_dir: Path, tmp
 
 
 def test_output_side_holds_what_each_layer_emits(shapes_dir: Path, tmp_path: Path) -> None:
-    config = feature_config(
+    config, (projection,) = feature_run(
         shapes_dir,
         tmp_path / "output",
         projection_side="output",
         projection_anchor_energy=0.0,
     )
-    projection = build_defenses(config)[0]
     Trainer(config, [projection]).train()
     assert projection.report()["side"] == "output"
     assert projection.report()["leak"] <= 1e-5
@@ -304,7 +372,7 @@ def test_image_mode_projects_the_prediction_gradient() -> None:
 
     reference = gradients(projected_loss=True)
     optimizer = torch.optim.SGD(unet.parameters(), lr=0.0)
-    projection = ConceptProjection(basis=basis, mode="image").attach(unet, optimizer)
+    projection = ImageProjection(basis=basis).attach(unet, optimizer)
     defended = gradients(projected_loss=False)
     projection.detach()
     assert not unet._forward_hooks
@@ -314,15 +382,75 @@ def test_image_mode_projects_the_prediction_gradient() -> None:
 
 
 def test_image_mode_trains_from_the_exemplars(shapes_dir: Path, tmp_path: Path) -> None:
-    config = feature_config(shapes_dir, tmp_path / "image", projection_mode="image")
-    projection = build_defenses(config)[0]
+    config, (projection,) = feature_run(shapes_dir, tmp_path / "image", projection_mode="image")
     Trainer(config, [projection]).train()
-    report = json.loads((tmp_path / "image" / "memguard.json").read_text())["defenses"]
-    assert report["projection"]["mode"] == "image" and report["projection"]["leak"] is None
-    assert report["projection"]["subspace_rank"] > 0
-    assert 0 < report["projection"]["prediction_gradient_energy_removed"] < 0.5
+    report = defense_records(tmp_path / "image")["projection"]["report"]
+    assert report["mode"] == "image" and "leak" not in report
+    assert report["subspace_rank"] > 0
+    assert 0 < report["prediction_gradient_energy_removed"] < 0.5
     assert not projection._handles  # the trainer detached it
     blank = Image.new("RGB", (8, 8))
     logo = torch.from_numpy(np.array(stamp_logo(blank)).any(axis=2))
     guarded = projection.basis.sum(1).view(3, 8, 8).bool()
     assert guarded.any() and not (guarded & ~logo).any()  # found from 6 exemplars: the logo's
+
+
+# ------------------------------------------------------------------- settings and resume
+
+
+MODE_SETTINGS = {
+    "text": {},
+    "feature": {"projection_mode": "feature", "projection_anchor_energy": 0.0},
+    "image": {"projection_mode": "image"},
+}
+
+
+def mode_run(mode: str, shapes_dir: Path, output: Path, **overrides):
+    settings = {"defense": ("projection",), "concept": CONCEPT, "max_text_length": 16}
+    if mode != "text":
+        settings["concept_exemplars"] = str(shapes_dir / "concept_exemplars")
+    return tiny_run(shapes_dir / "train", output, **(settings | MODE_SETTINGS[mode] | overrides))
+
+
+@pytest.mark.parametrize("mode", ["text", "feature", "image"])
+def test_each_mode_resumes_to_the_same_weights_and_report(mode, shapes_dir: Path, tmp_path: Path):
+    steps = {"checkpointing_steps": 3, "adam_weight_decay": 0.1}
+    config, (full,) = mode_run(mode, shapes_dir, tmp_path / "full", **steps)
+    Trainer(config, [full]).train()
+    config, (first,) = mode_run(mode, shapes_dir, tmp_path / "split", **steps)
+    Trainer(config, [first]).train()
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "checkpoint-6")
+    (tmp_path / "split" / WEIGHTS).unlink()
+    config, (resumed,) = mode_run(
+        mode, shapes_dir, tmp_path / "split", resume_from_checkpoint="latest", **steps
+    )
+    assert Trainer(config, [resumed]).train().steps_run == 3
+    assert_same_weights(tmp_path / "full", tmp_path / "split")
+    assert resumed.report() == full.report()
+
+
+@pytest.mark.parametrize("mode", ["text", "feature", "image"])
+def test_the_recorded_settings_rebuild_the_defense(mode, shapes_dir: Path, tmp_path: Path):
+    config, (projection,) = mode_run(mode, shapes_dir, tmp_path / "run", max_train_steps=1)
+    Trainer(config, [projection]).train()
+    records = json.loads((tmp_path / "run" / "memguard.json").read_text())["defenses"]
+    (rebuilt,) = rebuild(records, config)
+    assert type(rebuilt) is type(projection) and rebuilt.config == projection.config
+    assert records[0]["settings"].get("projection_mode", "text") == mode
+
+
+def test_a_setting_of_another_mode_is_named(shapes_dir: Path, tmp_path: Path) -> None:
+    other_mode = r"{}: a setting of projection_mode {}, not of projection_mode {}"
+    with pytest.raises(
+        ConfigError, match=other_mode.format("projection_refresh_steps", "feature", "image")
+    ):
+        mode_run("image", shapes_dir, tmp_path / "x", projection_refresh_steps=5)
+    with pytest.raises(
+        ConfigError, match=other_mode.format("projection_footprint_alpha", "image", "text")
+    ):
+        mode_run("text", shapes_dir, tmp_path / "x", projection_footprint_alpha=0.01)
+    with pytest.raises(ConfigError, match=r"concept_exemplars: --projection_mode feature needs"):
+        tiny_run(shapes_dir / "train", tmp_path / "x", defense=("projection",), concept=CONCEPT,
+                 projection_mode="feature")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"concept: --defense projection needs at least one"):
+        tiny_run(shapes_dir / "train", tmp_path / "x", defense=("projection",))

@@ -13,11 +13,12 @@ EXAMPLES = re.findall(
 )
 
 
-def _run(code: str) -> float:
-    printed = io.StringIO()
+def _run(code: str) -> tuple[float, dict]:
+    """The last number the example prints, and its variables."""
+    printed, namespace = io.StringIO(), {}
     with contextlib.redirect_stdout(printed):
-        exec(compile(code, str(README), "exec"), {})
-    return float(printed.getvalue().strip().splitlines()[-1])
+        exec(compile(code, str(README), "exec"), namespace)
+    return float(printed.getvalue().strip().splitlines()[-1]), namespace
 
 
 def test_the_readme_has_its_examples() -> None:
@@ -27,8 +28,11 @@ def test_the_readme_has_its_examples() -> None:
 @pytest.mark.parametrize("code", EXAMPLES, ids=["projection", "agc"])
 def test_readme_example_runs(code: str) -> None:
     assert sum("# memguard" in line for line in code.splitlines()) <= 10
-    value = _run(code)
-    if "ConceptProjection" in code:
+    value, namespace = _run(code)
+    if "TextProjection" in code:
         assert value <= 1e-5  # the printed certificate
-    else:
-        assert 0.0 <= value <= 1.0  # the printed skip rate
+        assert not namespace["projection"]._handles  # detached
+    else:  # the printed skip rate is that of the 16 samples the loop showed AGC
+        agc = namespace["agc"]
+        assert agc.seen == 16 and value == agc.skipped / 16
+        assert 0 < int(agc.bank.count_nonzero()) <= 16  # one entry per timestep drawn

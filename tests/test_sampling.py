@@ -12,7 +12,8 @@ from helpers import tiny_config
 from memguard import Trainer
 from memguard.data.folder import ImageFolderDataset
 from memguard.models import build_unet
-from memguard.sampling import generate, load_model, save_samples
+from memguard.io import load_model
+from memguard.sampling import generate, save_samples
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,10 @@ class Inert(Defense):
         self._count("sample_weights")
         return None
 
+    def extra_loss(self, model, batch, ctx):
+        self._count("extra_loss")
+        return None
+
     def after_backward(self, model, ctx):
         self._count("after_backward")
 
@@ -71,9 +75,11 @@ def test_inert_defense_changes_nothing(shapes_dir: Path, tmp_path: Path) -> None
     inert = Inert()
     Trainer(tiny_config(shapes_dir / "train", tmp_path / "hooked"), [inert]).train()
     assert_same_weights(tmp_path / "plain", tmp_path / "hooked")
-    assert inert.calls == {"setup": 1, "sample_weights": 6, "after_backward": 6, "after_step": 6}
-    report = json.loads((tmp_path / "hooked" / "memguard.json").read_text())["defenses"]
-    assert report == {"inert": {"calls": inert.calls}}
+    assert inert.calls == {
+        "setup": 1, "sample_weights": 6, "extra_loss": 6, "after_backward": 6, "after_step": 6
+    }  # fmt: skip
+    records = json.loads((tmp_path / "hooked" / "memguard.json").read_text())["defenses"]
+    assert records == [{"name": "inert", "settings": None, "report": {"calls": inert.calls}}]
 
 
 class UnitWeights(Defense):

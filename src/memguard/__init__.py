@@ -6,8 +6,9 @@ The public surface: configs, the `Trainer` with its defense protocol, and the me
 __version__ = "0.1.0"
 
 from memguard.config import ConfigError, SampleConfig, ShapesConfig, TrainConfig  # noqa: E402
-from memguard.train.hooks import Defense, TrainingContext  # noqa: E402
-from memguard.train.trainer import Trainer, TrainingError  # noqa: E402
+from memguard.defenses.base import Defense, TrainingContext  # noqa: E402
+from memguard.train.step import TrainingError, TrainingStep  # noqa: E402
+from memguard.train.trainer import Trainer  # noqa: E402
 
 __all__ = [
     "ConfigError",
@@ -18,5 +19,6 @@ __all__ = [
     "Trainer",
     "TrainingContext",
     "TrainingError",
+    "TrainingStep",
     "__version__",
 ]

@@ -1,9 +1,9 @@
 """Audit: what a diffusion model reproduces, beside its quality, against its training folder.
 
-Works on any model folder `memguard.sampling.load_model` reads (memguard's output, a diffusers
+Works on any model folder `memguard.io.load_model` reads (memguard's output, a diffusers
 UNet folder, a Stable Diffusion pipeline folder) and the image folder it was trained on:
 
-- replication (METHODS.md section 4): Gu et al.'s d1/d2 ratio, IET's MQ, feature-space
+- replication: Gu et al.'s d1/d2 ratio, IET's MQ, feature-space
   similarity (SSCD from a local TorchScript file, or the benchmark judge's features), and which
   training images are hit;
 - prompt-level detection (Wen et al.): d(p) per prompt, AUC and TPR at 1% FPR of duplicated
@@ -34,6 +34,7 @@ from memguard.attacks.concept import PLACEHOLDER, generate_with_embedding, learn
 from memguard.config import AuditConfig, to_dict
 from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata
 from memguard.data.shapes import CONCEPT_PARAPHRASES, CONCEPT_SUFFIX
+from memguard.io import DiffusionModel, load_model, write_json
 from memguard.metrics.descriptors import ScriptedDescriptor, check_file
 from memguard.metrics.detection import first_steps_score, roc_auc, step_magnitudes, tpr_at_fpr
 from memguard.metrics.replication import (
@@ -47,8 +48,7 @@ from memguard.metrics.replication import (
     similarity_summary,
 )
 from memguard.report.html import render_report
-from memguard.sampling import DiffusionModel, generate, load_model, save_samples
-from memguard.train.checkpoint import write_json
+from memguard.sampling import generate, save_samples
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"

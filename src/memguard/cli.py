@@ -28,7 +28,9 @@ from memguard.config import (
     load_yaml,
 )
 from memguard.data.folder import DataError
-from memguard.train.trainer import TrainingError
+from memguard.defenses.registry import build_training
+from memguard.defenses.registry import flags as defense_flags
+from memguard.train.step import TrainingError
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, TrainingError)
 
@@ -37,28 +39,43 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _add_flag(parser, name: str, annotation, default, help: str, choices=None) -> None:
+    """One flag; its value stays a string here and is validated when the config is built."""
+    kwargs: dict = {"default": argparse.SUPPRESS, "dest": name}
+    kwargs["help"] = help + ("" if default is None else f" (default: {default})")
+    if choices:
+        kwargs["choices"] = choices
+    if typing.get_origin(annotation) is tuple:
+        kwargs["action"] = "append"
+    elif annotation is bool:
+        kwargs.update(nargs="?", const="true", metavar="true|false")
+    parser.add_argument(f"--{name}", **kwargs)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per config field; values stay strings here and are validated by `build`."""
+    """One flag per config field."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kwargs: dict = {"default": argparse.SUPPRESS, "dest": f.name}
-        default = "" if f.default is None else f" (default: {f.default})"
-        kwargs["help"] = f.metadata.get("help", "") + default
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        if typing.get_origin(hints[f.name]) is tuple:
-            kwargs["action"] = "append"
-        elif hints[f.name] is bool:
-            kwargs.update(nargs="?", const="true", metavar="true|false")
-        parser.add_argument(f"--{f.name}", **kwargs)
+        meta = f.metadata
+        _add_flag(
+            parser, f.name, hints[f.name], f.default, meta.get("help", ""), meta.get("choices")
+        )
+
+
+def _settings(args: argparse.Namespace, names: set[str]) -> dict:
+    """YAML file (if --config) overridden by the flags given on the command line."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return values
+
+
+def _source(args: argparse.Namespace) -> str:
+    return getattr(args, "config", None) or "command line"
 
 
 def _config(cls: type, args: argparse.Namespace):
-    """YAML file (if --config) overridden by the flags given on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return build(cls, values, source=args.config or "command line")
+    return build(cls, _settings(args, names), source=_source(args))
 
 
 def _print(text: str) -> None:
@@ -85,11 +102,11 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from memguard.defenses import build_defenses
     from memguard.train.trainer import Trainer
 
-    config = _config(TrainConfig, args)
-    result = Trainer(config, build_defenses(config)).train()
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | set(defense_flags())
+    config, defenses = build_training(_settings(args, names), source=_source(args))
+    result = Trainer(config, defenses).train()
     per_second = result.steps_run / result.loop_seconds if result.loop_seconds else 0.0
     _print(
         f"trained {result.global_step} steps (this run: {result.steps_run} in "
@@ -111,7 +128,8 @@ def read_prompts(config: SampleConfig) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from memguard.sampling import generate, load_model, save_samples
+    from memguard.io import load_model
+    from memguard.sampling import generate, save_samples
 
     config = _config(SampleConfig, args)
     prompts = read_prompts(config)
@@ -260,6 +278,8 @@ def parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train or fine-tune a text-conditional UNet")
     _add_config_flags(train, TrainConfig)
+    for flag in defense_flags().values():
+        _add_flag(train, flag.name, flag.annotation, flag.default, flag.help, flag.choices)
     train.add_argument("--config", help="YAML file with the same keys; flags override it")
     train.set_defaults(run=cmd_train)
 

@@ -25,9 +25,12 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with CLI help text and optional choices."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None
+) -> Any:
+    """A dataclass field with CLI help text, optional choices, and the flag (YAML key) that sets
+    it when that is not the field's name (a defense's settings share the train command's)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 # ----------------------------------------------------------------------------------- coercion
@@ -133,8 +136,14 @@ def _require(condition: bool, message: str) -> None:
 
 # ------------------------------------------------------------------------------------ configs
 
-# Names accepted by --defense; memguard.defenses.build_defenses makes them.
-DEFENSES = ("agc", "projection")
+# Settings of a from-scratch model that a pretrained pipeline brings itself (None: the default).
+FROM_SCRATCH_ONLY = ("model_preset", "num_train_timesteps", "beta_schedule", "prediction_type")
+SCRATCH_DEFAULTS = {
+    "model_preset": "bench",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+}
 
 
 @dataclass(frozen=True)
@@ -148,8 +157,10 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = option(
         None, "local Stable Diffusion pipeline folder; train its UNet in VAE latent space"
     )
-    model_preset: str = option(
-        "bench", "UNet preset when training from scratch", choices=("tiny", "small", "bench")
+    model_preset: str | None = option(
+        None,
+        "UNet preset when training from scratch (default: bench)",
+        choices=("tiny", "small", "bench"),
     )
     text_encoder: str = option(
         "minilm",
@@ -180,55 +191,26 @@ class TrainConfig:
     use_ema: bool = option(False, "keep an exponential moving average of the weights")
     ema_decay: float = option(0.999, "EMA decay")
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of the full UNet")
-    num_train_timesteps: int = option(1000, "diffusion steps of the noise schedule")
-    beta_schedule: str = option(
-        "squaredcos_cap_v2",
-        "noise schedule of a from-scratch model",
+    num_train_timesteps: int | None = option(
+        None, "diffusion steps of a from-scratch model's noise schedule (default: 1000)"
+    )
+    beta_schedule: str | None = option(
+        None,
+        "noise schedule of a from-scratch model (default: squaredcos_cap_v2)",
         choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
     )
-    prediction_type: str = option(
-        "epsilon",
-        "what a from-scratch model predicts: the noise (epsilon) or v = sqrt(abar) eps - "
-        "sqrt(1 - abar) x0 (v_prediction, Salimans & Ho 2022)",
+    prediction_type: str | None = option(
+        None,
+        "what a from-scratch model predicts: the noise (epsilon, the default) or "
+        "v = sqrt(abar) eps - sqrt(1 - abar) x0 (v_prediction, Salimans & Ho 2022)",
         choices=("epsilon", "v_prediction"),
     )
     snr_gamma: float = option(
         0.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's value (0: off)"
     )
-    defense: tuple[str, ...] = option((), "defense to attach (repeatable): agc, projection")
-    concept: tuple[str, ...] = option((), "projection: a prohibited concept (repeatable)")
-    projection_energy: float = option(
-        0.99, "projection, text/feature mode: energy kept by the concept subspace"
+    defense: tuple[str, ...] = option(
+        (), "defense to attach (repeatable; see memguard.defenses.registry for the names)"
     )
-    projection_mode: str = option(
-        "text",
-        "projection: guard cross-attention keys/values (text), image-feature layers (feature) "
-        "or the prediction's gradient in image space (image)",
-        choices=("text", "feature", "image"),
-    )
-    concept_exemplars: str | None = option(
-        None, "projection, feature/image mode: image folder (metadata.jsonl) showing the concept"
-    )
-    projection_layers: tuple[str, ...] = option(
-        (), "projection, feature mode: layer name patterns to guard (default: all image layers)"
-    )
-    projection_side: str = option(
-        "input",
-        "projection, feature mode: guard each layer's input directions or its output (error) ones",
-        choices=("input", "output"),
-    )
-    projection_refresh_steps: int = option(
-        0, "projection, feature mode: re-measure the exemplars every N steps, add new directions"
-    )
-    projection_anchor_energy: float = option(
-        0.99, "projection, feature mode: energy of the anchors' shared directions removed"
-    )
-    projection_footprint_alpha: float = option(
-        1e-3,
-        "projection, image mode: family-wise level of the per-position test that finds where "
-        "the exemplars differ from images without the concept",
-    )
-    agc_gamma: float = option(2.0, "AGC: keep a sample iff gamma * loss >= its timestep's bank")
     mixed_precision: str = option(
         "no", "accelerate mixed precision", choices=("no", "fp16", "bf16")
     )
@@ -241,6 +223,11 @@ class TrainConfig:
     logging_steps: int = option(25, "write a log line every N steps")
     dataloader_num_workers: int = option(0, "data-loading worker processes")
 
+    def scratch(self, key: str):
+        """A from-scratch setting, its default when not given."""
+        value = getattr(self, key)
+        return SCRATCH_DEFAULTS[key] if value is None else value
+
     def __post_init__(self) -> None:
         _require(self.train_data_dir is not None, "train_data_dir: required")
         for key in ("resolution", "train_batch_size", "max_train_steps", "max_text_length"):
@@ -251,28 +238,19 @@ class TrainConfig:
         _require(0.0 < self.ema_decay < 1.0, "ema_decay: must be in (0, 1)")
         _require(self.lora_rank >= 0, "lora_rank: must be >= 0")
         _require(self.checkpointing_steps > 0, "checkpointing_steps: must be positive")
-        unknown = sorted(set(self.defense) - set(DEFENSES))
-        _require(not unknown, f"defense: unknown {unknown} (known: {', '.join(DEFENSES)})")
         _require(self.snr_gamma >= 0, "snr_gamma: must be >= 0")
-        _require(self.agc_gamma > 0, "agc_gamma: must be positive")
         _require(
-            "projection" not in self.defense or bool(self.concept),
-            "concept: --defense projection needs at least one --concept",
-        )
-        _require(0 < self.projection_energy <= 1, "projection_energy: must be in (0, 1]")
-        _require(
-            self.projection_mode == "text" or self.concept_exemplars is not None,
-            f"concept_exemplars: --projection_mode {self.projection_mode} needs a folder of "
-            "concept exemplars",
-        )
-        _require(self.projection_refresh_steps >= 0, "projection_refresh_steps: must be >= 0")
-        _require(
-            0 <= self.projection_anchor_energy < 1, "projection_anchor_energy: must be in [0, 1)"
-        )
-        _require(
-            0 < self.projection_footprint_alpha < 1, "projection_footprint_alpha: must be in (0, 1)"
+            len(set(self.defense)) == len(self.defense),
+            f"defense: {list(self.defense)} names a defense twice",
         )
         _require(self.logging_steps > 0, "logging_steps: must be positive")
+        if self.pretrained_model_name_or_path is not None:
+            for key in FROM_SCRATCH_ONLY:
+                _require(
+                    getattr(self, key) is None,
+                    f"{key}: a setting of a model trained from scratch; the pipeline in "
+                    "--pretrained_model_name_or_path brings its own",
+                )
         _require(
             self.lora_rank == 0 or self.pretrained_model_name_or_path is not None,
             "lora_rank: LoRA needs --pretrained_model_name_or_path",

@@ -11,100 +11,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    UNet2DConditionModel,
-)
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from memguard.data.text import CLIPEncoder, MiniLMEncoder, TextEncoder, load_text_encoder
 from memguard.diffusion import from_latents
-from memguard.models import noise_scheduler
-from memguard.train.checkpoint import METADATA_FILE
-
-
-@dataclass
-class DiffusionModel:
-    """What sampling needs: the UNet, its noise schedule, its text encoder and optional VAE."""
-
-    unet: UNet2DConditionModel
-    scheduler_config: dict
-    encoder: TextEncoder
-    vae: AutoencoderKL | None
-    metadata: dict
-
-    @property
-    def image_size(self) -> int:
-        """Side of the generated images: the UNet's sample size, times the VAE's upsampling."""
-        size = self.unet.config.sample_size
-        if self.vae is not None:
-            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return size
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
-
-
-def load_model(model_dir: str | Path, device: str | torch.device | None = None) -> DiffusionModel:
-    """Load a model folder: memguard's output, a diffusers pipeline folder, or a bare UNet folder.
-
-    The UNet (and VAE) go to `device` (default: `best_device()`). A bare UNet folder without
-    memguard.json is read with the MiniLM text encoder (it must have
-    cross_attention_dim 384) and its `scheduler_config.json` if present.
-    """
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--model: no such folder: {root}")
-    metadata_path = root / METADATA_FILE
-    if (root / "unet").is_dir():  # a diffusers pipeline folder
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-        scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-        encoder: TextEncoder = CLIPEncoder(root)
-        metadata = {}
-    elif (root / "config.json").is_file():
-        unet = UNet2DConditionModel.from_pretrained(root)
-        metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
-        if (root / "scheduler_config.json").is_file():
-            scheduler = DDPMScheduler.from_pretrained(root)
-        else:
-            scheduler = noise_scheduler(1000, "squaredcos_cap_v2")
-        if "text_encoder" in metadata:
-            encoder = load_text_encoder(metadata["text_encoder"])
-        elif unet.config.cross_attention_dim == MiniLMEncoder.hidden_size:
-            encoder = MiniLMEncoder()
-        else:
-            raise ValueError(
-                f"{root}: no {METADATA_FILE} says which text encoder the UNet was trained with"
-            )
-        vae = None
-        if metadata.get("vae"):
-            vae = AutoencoderKL.from_pretrained(metadata["vae"], subfolder="vae")
-    else:
-        raise FileNotFoundError(f"--model {root}: neither a UNet folder nor a pipeline folder")
-    device = best_device(device) if not isinstance(device, torch.device) else device
-    unet.eval().requires_grad_(False).to(device)
-    if vae is not None:
-        vae.eval().requires_grad_(False).to(device)
-    return DiffusionModel(unet, dict(scheduler.config), encoder, vae, metadata)
-
-
-def best_device(device: str | None = None) -> torch.device:
-    """`device` when given, else the first GPU when there is one, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from memguard.io import DiffusionModel, atomic_path
 
 
 def make_sampler(name: str, scheduler_config: dict):
@@ -175,35 +91,10 @@ def denoise(
     return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
+@torch.no_grad()
 def generate(
     model: DiffusionModel,
-    prompts: list[str],
-    num_images: int,
-    seed: int,
-    sampler: str = "dpm",
-    num_inference_steps: int = 50,
-    guidance_scale: float = 3.0,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Images (len(prompts) * num_images, 3, H, W) in [0, 1], prompt-major."""
-    return generate_from_states(
-        model,
-        model.encoder.encode(prompts),
-        num_images,
-        seed,
-        sampler,
-        num_inference_steps,
-        guidance_scale,
-        batch_size,
-        progress,
-    )
-
-
-@torch.no_grad()
-def generate_from_states(
-    model: DiffusionModel,
-    cond: torch.Tensor,  # (P, L, d) text states, one row per prompt
+    prompts: list[str] | torch.Tensor,  # P prompts, or their text states (P, L, d)
     num_images: int,
     seed: int,
     sampler: str = "dpm",
@@ -212,7 +103,9 @@ def generate_from_states(
     batch_size: int = 64,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Like `generate`, from text states already computed (a learned embedding, say)."""
+    """Images (P * num_images, 3, H, W) in [0, 1], prompt-major; `prompts` may be text states
+    already computed (a learned embedding, say)."""
+    cond = model.encoder.encode(prompts) if isinstance(prompts, list) else prompts
     uncond = model.encoder.encode([""])[0]
     noise = initial_noise(model.sample_shape, seed, num_images)
     jobs = [(p, j) for p in range(len(cond)) for j in range(num_images)]
@@ -263,8 +156,7 @@ def save_samples(
         rows.append(
             {"file_name": file_name, "text": prompts[p], "seed": seed + j, "image_index": j}
         )
-    partial = output_dir / "metadata.jsonl.partial"
-    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    partial.replace(output_dir / "metadata.jsonl")
+    with atomic_path(output_dir / "metadata.jsonl") as partial:
+        partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
     grid(images, columns=num_images).save(output_dir / "grid.png")
     return output_dir

@@ -1,5 +1,5 @@
-"""The learned-embedding concept-extraction attack (textual inversion, Gal et al., 2023, as the
-adversary of METHODS.md section 1).
+"""The learned-embedding concept-extraction attack (textual inversion, Gal et al., 2023): the
+adversary of concept-level selective learning (Kothandaraman & Pytlarz, arXiv 2512.11194).
 
 The adversary holds the trained model, frozen, and a few held-out images that show the concept.
 It learns the input embedding of a placeholder word so that the model denoises those images
@@ -15,7 +15,8 @@ from diffusers import DDPMScheduler
 
 from memguard.data.text import MiniLMEncoder
 from memguard.diffusion import per_sample_loss, to_latents
-from memguard.sampling import DiffusionModel, generate_from_states
+from memguard.io import DiffusionModel
+from memguard.sampling import generate
 
 PLACEHOLDER = "*"  # a single word-piece in MiniLM's vocabulary, rare in captions
 
@@ -71,6 +72,4 @@ def generate_with_embedding(
 ) -> torch.Tensor:
     """Images (len(prompts) * num_images, 3, H, W) in [0, 1] with the learned word in place."""
     cond = model.encoder.encode_with_placeholder(prompts, PLACEHOLDER, vector)
-    return generate_from_states(
-        model, cond, num_images, seed, sampler, num_inference_steps, guidance_scale
-    )
+    return generate(model, cond, num_images, seed, sampler, num_inference_steps, guidance_scale)

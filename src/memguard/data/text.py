@@ -19,6 +19,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,10 +33,18 @@ class TextEncoder(ABC):
 
     hidden_size: int
     max_length: int
+    _tokenizer: Any  # a transformers tokenizer
 
-    @abstractmethod
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """{'input_ids', 'attention_mask'}, both (B, L), padded to `max_length`."""
+        tokens = self._tokenizer(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
     @abstractmethod
     def _states(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,16 +84,6 @@ class MiniLMEncoder(TextEncoder):
         model = _sentence_transformer()
         self._transformer = model[0]
         self._tokenizer = model.tokenizer
-
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokens = self._tokenizer(
-            captions,
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
     def _states(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._transformer(dict(tokens))["token_embeddings"]
@@ -128,30 +127,42 @@ class CLIPEncoder(TextEncoder):
         self._model.eval().requires_grad_(False)
         self.hidden_size = self._model.config.hidden_size
         self.max_length = self._tokenizer.model_max_length
-
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokens = self._tokenizer(
-            captions,
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        self.sha256 = folder_digest(self.path, ("text_encoder", "tokenizer"))
 
     def _states(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._model(tokens["input_ids"])[0]
 
     def spec(self) -> dict:
-        return {"name": "clip", "path": str(self.path.resolve())}
+        """Its folder and the digest of its files: a changed encoder is a different encoder
+        (the caption-state cache is keyed by this)."""
+        return {"name": "clip", "path": str(self.path.resolve()), "sha256": self.sha256}
+
+
+def folder_digest(root: Path, parts: tuple[str, ...]) -> str:
+    """SHA-256 over the names and contents of every file under `root/part` for each part."""
+    digest = hashlib.sha256()
+    for part in parts:
+        for path in sorted(p for p in (root / part).rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(root)).encode())
+            with open(path, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def load_text_encoder(spec: dict) -> TextEncoder:
-    """Rebuild an encoder from its `spec()`."""
+    """Rebuild an encoder from its `spec()`; a CLIP encoder whose files changed since the spec
+    was recorded is an error."""
     if spec.get("name") == "minilm":
         return MiniLMEncoder(max_length=int(spec.get("max_length", 16)))
     if spec.get("name") == "clip":
-        return CLIPEncoder(spec["path"])
+        encoder = CLIPEncoder(spec["path"])
+        if spec.get("sha256") not in (None, encoder.sha256):
+            raise ValueError(
+                f"text encoder {spec['path']}: its files changed since the model was trained "
+                "with it (sha256 differs)"
+            )
+        return encoder
     raise ValueError(f"unknown text encoder spec {spec!r}")
 
 
@@ -186,10 +197,10 @@ class CaptionEmbeddings:
                 for i in range(0, len(self.captions), batch_size)
             ]
             self.table = torch.cat(chunks).contiguous()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            save_file({"table": self.table}, partial)
-            os.replace(partial, path)
+            from memguard.io import atomic_path  # io imports this module
+
+            with atomic_path(path) as partial:
+                save_file({"table": self.table}, partial)
         self.unconditional_row = self.row[""]
 
     def rows(self, captions: list[str]) -> torch.Tensor:

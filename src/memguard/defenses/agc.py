@@ -14,9 +14,30 @@ sample are kept for memory-sample redistribution (IET-AGC+).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from memguard.train.hooks import Defense, TrainingContext
+from memguard.config import ConfigError, option
+from memguard.defenses.base import Defense, TrainingContext
+
+
+@dataclass(frozen=True)
+class AGCConfig:
+    """`--defense agc` settings."""
+
+    gamma: float = option(
+        2.0,
+        "AGC: keep a sample iff gamma * loss >= its timestep's bank (2.0 for DDPM, 1.25 for SD)",
+        flag="agc_gamma",
+    )
+    momentum: float = option(0.8, "AGC: decay of the per-timestep loss bank", flag="agc_momentum")
+
+    def __post_init__(self) -> None:
+        if not self.gamma > 0:
+            raise ConfigError(f"agc_gamma: must be positive, got {self.gamma}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"agc_momentum: must be in [0, 1), got {self.momentum}")
 
 
 class AntiGradientControl(Defense):
@@ -27,22 +48,30 @@ class AntiGradientControl(Defense):
     """
 
     name = "agc"
+    config_class = AGCConfig
 
     def __init__(
         self, gamma: float = 2.0, momentum: float = 0.8, num_timesteps: int | None = None
     ) -> None:
-        if gamma <= 0:
-            raise ValueError(f"gamma: must be positive, got {gamma}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum: must be in [0, 1), got {momentum}")
+        self.config = AGCConfig(gamma=gamma, momentum=momentum)  # validates
         self.gamma, self.momentum, self.num_timesteps = gamma, momentum, num_timesteps
         self.bank = torch.zeros(num_timesteps or 0, dtype=torch.float64)
         self.skip_counts: dict[int, int] = {}
         self.seen = self.skipped = 0
 
     def setup(self, model, optimizer, ctx: TrainingContext) -> None:
+        """Size the bank from the run's noise scheduler (one entry per training timestep)."""
+        if ctx.scheduler is not None:
+            run_timesteps = ctx.scheduler.config.num_train_timesteps
+            if self.num_timesteps not in (None, run_timesteps):
+                raise ValueError(
+                    f"AGC: num_timesteps={self.num_timesteps}, but the run's scheduler has "
+                    f"{run_timesteps} training timesteps"
+                )
+            self.num_timesteps = run_timesteps
         if self.num_timesteps is None:
-            self.num_timesteps = ctx.config.num_train_timesteps
+            raise ValueError("AGC needs num_timesteps, or a context with the run's scheduler")
+        if len(self.bank) != self.num_timesteps:
             self.bank = torch.zeros(self.num_timesteps, dtype=torch.float64)
 
     def sample_weights(
@@ -61,8 +90,7 @@ class AntiGradientControl(Defense):
                 self.skip_counts[index] = self.skip_counts.get(index, 0) + 1
         if keep.all():
             return None  # decided on the global batch, so the same on every process
-        rank = ctx.accelerator.process_index if ctx.world_size > 1 else 0
-        mine = keep.view(ctx.world_size, -1)[rank]
+        mine = keep.view(ctx.world_size, -1)[ctx.group.rank]
         return mine.to(per_sample_loss.dtype)
 
     def state_dict(self) -> dict:

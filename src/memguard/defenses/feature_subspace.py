@@ -1,6 +1,6 @@
-"""Activation subspaces of a concept for feature-mode gradient projection (METHODS.md section 1,
-in the manner of Gradient Projection Memory, Saha et al., "Gradient Projection Memory for
-Continual Learning", ICLR 2021).
+"""Activation subspaces of a concept for feature-mode gradient projection (selective learning,
+Kothandaraman & Pytlarz, arXiv 2512.11194), in the manner of Gradient Projection Memory (Saha et
+al., "Gradient Projection Memory for Continual Learning", ICLR 2021).
 
 A layer y = W x learns from an image only through outer products g x^T of its backpropagated
 error g and its input x. Collect the inputs each chosen layer sees on exemplar images of the
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memguard.defenses.subspace import rank_for_energy
 from memguard.diffusion import per_sample_loss
 
 # Layers whose input is not the image's features: the text (cross-attention keys and values,
@@ -153,16 +154,17 @@ def layer_grams(
     return grams
 
 
+def _eigen(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues descending and >= 0, eigenvectors in that order) of a Gram matrix."""
+    values, vectors = torch.linalg.eigh(gram)
+    return values.flip(0).clamp_min(0), vectors.flip(1)
+
+
 def basis_from_gram(gram: torch.Tensor, energy: float) -> torch.Tensor:
     """(fan_in, r) orthonormal: the top eigenvectors of a Gram matrix holding `energy` of its
     trace (the right-singular vectors of the rows it sums, by singular value)."""
-    values, vectors = torch.linalg.eigh(gram)
-    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-    total = values.sum()
-    if total <= 0:
-        return vectors[:, :0].contiguous()
-    rank = int((torch.cumsum(values, 0) / total < energy).sum()) + 1
-    return vectors[:, :rank].contiguous()
+    values, vectors = _eigen(gram)
+    return vectors[:, : rank_for_energy(values, energy * float(values.sum()))].contiguous()
 
 
 def concept_feature_bases(
@@ -184,10 +186,8 @@ def concept_feature_bases(
             complement = torch.eye(len(gram), dtype=gram.dtype) - shared @ shared.T
             gram = complement @ gram @ complement
         needed = energy * total - (total - float(gram.trace()))  # still to explain
-        values, vectors = torch.linalg.eigh(gram)
-        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-        rank = 0 if needed <= 0 else int((torch.cumsum(values, 0) < needed).sum()) + 1
-        bases[name] = vectors[:, : min(rank, len(values))].contiguous()
+        values, vectors = _eigen(gram)
+        bases[name] = vectors[:, : rank_for_energy(values, needed)].contiguous()
     return bases
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from memguard.sampling import DiffusionModel, denoise, initial_noise
+from memguard.io import DiffusionModel
+from memguard.sampling import denoise, initial_noise
 
 
 @torch.no_grad()

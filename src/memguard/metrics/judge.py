@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from memguard.data.shapes import (
     stamp_logo,
 )
 from memguard.data.text import default_cache_dir
+from memguard.io import atomic_path
 
 HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": tuple(BACKGROUNDS)}
 ACCURACY_WARNING = 0.95
@@ -221,8 +221,6 @@ def load_judge(spec: JudgeSpec | None = None, cache_dir: str | Path | None = Non
         net.eval().requires_grad_(False)
         return Judge(net, saved["heldout_accuracy"], spec)
     net, heldout = train_judge(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    torch.save({"state_dict": net.state_dict(), "heldout_accuracy": heldout}, partial)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        torch.save({"state_dict": net.state_dict(), "heldout_accuracy": heldout}, partial)
     return Judge(net, heldout, spec)

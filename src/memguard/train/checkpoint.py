@@ -1,10 +1,13 @@
-"""Checkpoints that survive a kill, and the final model folder that diffusers can load.
+"""Checkpoints that survive a kill and hold every process's own state.
 
-A checkpoint is accelerate's `save_state` (model, optimizer, lr schedule, registered objects such
-as EMA weights, defenses and the step counter) written to `checkpoint-N.partial` and renamed to
-`checkpoint-N` only when complete, so a killed run never leaves a half-written checkpoint that
-`--resume_from_checkpoint latest` would pick. The final model is written the same way: files go
-to a temporary folder first and are moved into place one by one, `memguard.json` last.
+A checkpoint is a folder `checkpoints/checkpoint-N` of state files, one per *unit* (a training
+step's model, optimizer, lr schedule, EMA and defenses, or a strategy's bookkeeping), each
+written by the process that owns it: under plain data parallelism the one model is owned by
+the main process (every process holds the same state), while IET's proxies, which train apart,
+are each written by the process that trains them. Files go to `checkpoint-N.partial/` under
+temporary names; when every process is done the main process writes `checkpoint.json` (the step
+and the units) and renames the folder, so `--resume_from_checkpoint latest` never picks a
+half-written checkpoint. Every process then loads the units it holds.
 """
 
 from __future__ import annotations
@@ -16,8 +19,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from memguard.distributed import Group
+from memguard.io import atomic_path, write_json
+
 CHECKPOINTS = "checkpoints"
-METADATA_FILE = "memguard.json"
+INDEX_FILE = "checkpoint.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -27,7 +35,7 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
-    return [path for _, path in sorted(found)]
+    return [path for _, path in sorted(found) if (path / INDEX_FILE).is_file()]
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -40,42 +48,53 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         path = Path(output_dir) / CHECKPOINTS / resume
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint folder {resume!r}")
+    if not (path / INDEX_FILE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint: no complete checkpoint {resume!r}")
     return path
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, keep: int) -> Path:
-    """Save resumable state for `step` atomically and prune to the newest `keep` checkpoints."""
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    owned: dict[str, dict[str, Any]],
+    keep: int,
+    world: Group,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write the units this process owns (`owned`: unit name -> state) into the checkpoint of
+    `step`, atomically; every process of `world` calls it. The main process records `info`
+    (the strategy's own settings, say) and prunes to the newest `keep` checkpoints."""
     final = Path(output_dir) / CHECKPOINTS / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process and partial.exists():
+    if world.rank == 0 and partial.exists():
         shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    world.barrier()
+    partial.mkdir(parents=True, exist_ok=True)
+    for unit, state in owned.items():
+        with atomic_path(partial / f"{unit}.pt") as path:
+            torch.save(state, path)
+    world.barrier()
+    if world.rank == 0:
+        units = sorted(p.stem for p in partial.glob("*.pt"))
+        write_json(partial / INDEX_FILE, {"step": step, "units": units, **(info or {})})
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
         for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    world.barrier()
     return final
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(partial, path)
+def checkpoint_info(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's index: its step, its units and what the main process recorded."""
+    return json.loads((checkpoint / INDEX_FILE).read_text())
 
 
-def publish(staging: Path, output_dir: Path) -> None:
-    """Move every file of `staging` into `output_dir` (replacing), then remove `staging`."""
-    for source in sorted(p for p in staging.rglob("*") if p.is_file()):
-        target = output_dir / source.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
-    shutil.rmtree(staging)
+def load_unit(checkpoint: Path, unit: str) -> dict[str, Any]:
+    """The saved state of one unit (on the CPU)."""
+    path = checkpoint / f"{unit}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no state for '{unit}' (units: "
+                                f"{checkpoint_info(checkpoint)['units']})")  # fmt: skip
+    return torch.load(path, map_location="cpu", weights_only=False)

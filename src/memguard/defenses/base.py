@@ -1,69 +1,79 @@
-"""The defense protocol: the fixed points at which a defense acts on a training loop.
+"""The defense protocol: the fixed points at which a defense acts on a training step.
 
 A defense is an object with a few optional hooks (the diffusers hook / Opacus `make_private`
-pattern); memguard's `Trainer` calls them, and a user can call them by hand in a loop of their
-own. Every hook of the base class is a no-op, so a defense overrides only what it needs:
+pattern); memguard's `TrainingStep` calls them, and a user can call them by hand in a loop of
+their own. Every hook of the base class is a no-op, so a defense overrides only what it needs:
 
     setup(model, optimizer, ctx)             once, before the first step (subspaces, banks, ...)
     sample_weights(per_sample_loss, batch, ctx) -> (B,) weights or None
                                              mask / reweight samples (AGC, Wen et al. threshold);
-                                             backward always runs, so DDP ranks stay in step;
+                                             backward always runs, so ranks stay in step;
                                              None vs weights must be the same on every process
+    extra_loss(model, batch, ctx) -> scalar or None
+                                             a term added to the loss before backward
+                                             (adversarial fine-tuning, regularisers)
     after_backward(model, ctx)               after the gradient all-reduce (gradient projection)
     after_step(model, ctx)                   after optimizer.step() (update re-projection)
     state_dict() / load_state_dict(state)    everything a resume needs
     report() -> dict                         what it did, for the run log and memguard.json
     detach()                                 remove every hook; the model is left as it was
 
-The loss hook returns per-sample weights rather than a scalar so that several defenses compose
-(their weights multiply) and so that the reduction over the global batch lives in one place,
-`weighted_mean`, which is exact under data parallelism.
+The sample hook returns per-sample weights rather than a scalar so that several defenses compose
+(their weights multiply) and so that the reduction over the group's batch lives in one place,
+`weighted_mean`, which is exact under data parallelism. What a hook may need about the run is in
+`TrainingContext`: the process group its reductions run in, the step, the noise scheduler, the
+text encoder and the VAE. What only one defense needs (exemplar folders, a resolution, a seed)
+is given to that defense's constructor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from memguard.distributed import Group
+
 
 @dataclass
 class TrainingContext:
-    """What a hook may need to know about the run: the accelerator, the config and the step."""
+    """What a hook may need to know about the run."""
 
-    accelerator: Any  # accelerate.Accelerator
-    config: Any  # memguard.config.TrainConfig, or a user's own settings object
+    group: Group = field(default_factory=Group.local)  # processes training this model together
     step: int = 0  # optimizer steps completed
+    scheduler: Any = None  # the training noise scheduler (diffusers DDPMScheduler)
     text_encoder: Any = None  # memguard.data.text.TextEncoder of the run, when known
-    captions: tuple[str, ...] = ()  # the training captions
-    dataset: Any = None  # memguard.data.folder.ImageFolderDataset of the training images
-    scheduler: Any = None  # the training noise scheduler
-    vae: Any = None  # the VAE of a latent model, None in pixel space
+    vae: Any = None  # the VAE of a latent model; None in pixel space
 
     @property
     def world_size(self) -> int:
-        return self.accelerator.num_processes if self.accelerator is not None else 1
+        return self.group.size
 
     def gather(self, value: torch.Tensor) -> torch.Tensor:
-        """Concatenation over processes in rank order (itself on one process)."""
-        if self.world_size == 1:
-            return value
-        return self.accelerator.gather(value.contiguous())
+        """Concatenation over the group's processes in rank order (itself on one process)."""
+        return self.group.gather(value)
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum of a tensor over all processes (itself on one process)."""
-        if self.world_size == 1:
-            return value
-        return self.accelerator.reduce(value.detach().clone(), reduction="sum")
+        """Sum of a tensor over the group's processes (itself on one process)."""
+        return self.group.sum(value)
 
 
 class Defense:
     """Base class: every hook does nothing. Subclasses override what they need."""
 
     name = "defense"
+    config_class: type | None = None  # its settings' dataclass, when `memguard train` builds it
+    config: Any = None  # the settings it was built from (recorded in memguard.json)
+
+    @classmethod
+    def for_run(cls, config: Any, run: Any) -> Defense:
+        """The defense `memguard train` attaches: built from its settings (`config_class`) and
+        what it needs of the run (`run`: the TrainConfig, e.g. its data folder or seed)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: TrainingContext):
         """Called once before the first step, with the unwrapped model and the optimizer."""
@@ -72,6 +82,12 @@ class Defense:
         self, per_sample_loss: torch.Tensor, batch: dict, ctx: TrainingContext
     ) -> torch.Tensor | None:
         """Weights (B,) for this process's samples, or None to leave them at 1."""
+        return None
+
+    def extra_loss(
+        self, model: nn.Module, batch: dict, ctx: TrainingContext
+    ) -> torch.Tensor | None:
+        """A scalar added to this process's loss before backward, or None."""
         return None
 
     def after_backward(self, model: nn.Module, ctx: TrainingContext) -> None:
@@ -109,10 +125,10 @@ def combined_weights(
 def weighted_mean(
     per_sample_loss: torch.Tensor, weights: torch.Tensor | None, ctx: TrainingContext
 ) -> torch.Tensor:
-    """sum_i w_i l_i / sum_i w_i over the GLOBAL batch, as this process's share of the loss.
+    """sum_i w_i l_i / sum_i w_i over the GROUP's batch, as this process's share of the loss.
 
-    Data parallelism averages gradients over processes, so each process returns
-    `world_size * sum_local(w l) / sum_global(w)`; their average is the global weighted mean.
+    The group averages gradients over its processes, so each process returns
+    `size * sum_local(w l) / sum_group(w)`; their average is the group's weighted mean.
     With all weights at one this is the plain local mean, with no communication.
     """
     if weights is None:
