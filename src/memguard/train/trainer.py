@@ -120,16 +120,19 @@ class GlobalBatchSampler(Sampler):
 
 
 class StepCounter:
-    """Optimizer steps done; registered with accelerate so that checkpoints carry it."""
+    """Optimizer steps done and the wall time they took, summed over resumed runs; registered
+    with accelerate so that checkpoints carry both."""
 
     def __init__(self) -> None:
         self.value = 0
+        self.seconds = 0.0
 
     def state_dict(self) -> dict:
-        return {"global_step": self.value}
+        return {"global_step": self.value, "train_seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.value = int(state["global_step"])
+        self.seconds = float(state.get("train_seconds", 0.0))  # absent before it was recorded
 
 
 @dataclass
@@ -169,11 +172,16 @@ class Trainer:
     """Trains a text-conditional diffusion UNet with a list of defenses attached.
 
     >>> Trainer(TrainConfig(train_data_dir="data/train", output_dir="out")).train()
+
+    `progress=False` hides the progress bar (a caller showing its own, as `memguard bench`).
     """
 
-    def __init__(self, config: TrainConfig, defenses: Sequence[Defense] = ()) -> None:
+    def __init__(
+        self, config: TrainConfig, defenses: Sequence[Defense] = (), progress: bool = True
+    ) -> None:
         self.config = config
         self.defenses = list(defenses)
+        self.progress = progress
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -284,7 +292,7 @@ class Trainer:
         progress = tqdm(
             total=cfg.max_train_steps,
             initial=counter.value,
-            disable=not accelerator.is_local_main_process,
+            disable=not (self.progress and accelerator.is_local_main_process),
             desc="train",
         )
 
@@ -292,6 +300,7 @@ class Trainer:
         window: list[float] = []
         last_loss = float("nan")
         steps_run, loop_start, log_start = 0, time.perf_counter(), time.perf_counter()
+        seconds_before = counter.seconds
         unet.train()
         batches = iter(loader)
         while counter.value < cfg.max_train_steps:
@@ -344,6 +353,7 @@ class Trainer:
             if ema is not None:
                 ema.step(params)
             counter.value += 1
+            counter.seconds = seconds_before + time.perf_counter() - loop_start
             ctx.step = counter.value
             steps_run += 1
             progress.update(1)
@@ -388,6 +398,7 @@ class Trainer:
                 },
                 "seed": cfg.seed,
                 "global_step": counter.value,
+                "train_seconds": counter.seconds,
                 "final_loss": last_loss,
                 "num_processes": world,
                 "defenses": reports,
