@@ -251,7 +251,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     runs, outputs = bench["runs"], bench["outputs"]
     trained = sum(run["train"] != "reused" for run in runs)
     audited = sum(run["audit"] != "reused" for run in runs)
-    counts = f"{len(runs)} runs: {trained} trained (or resumed), {audited} audited, the rest reused"
+    counts = f"runs: {len(runs)} ({trained} trained or resumed, {audited} audited, the rest reused)"
     paths = "\n".join(f"{name}: {path}" for name, path in outputs.items())
     _print(f"{Path(outputs['bench.md']).read_text()}\n{counts}\n{paths}")
 

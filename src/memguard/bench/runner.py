@@ -33,7 +33,7 @@ from memguard.audit import load_results, run_audit
 from memguard.bench.data import benchmark_data, drop_rows
 from memguard.bench.page import markdown, render_html
 from memguard.bench.reuse import REUSE, TRAIN, audit_reusable, begin_training, plan_training
-from memguard.bench.spec import Arm, BenchSpec
+from memguard.bench.spec import Arm, BenchSpec, load_spec
 from memguard.bench.stats import LEVEL, RESAMPLES, flatten, summary
 from memguard.data.folder import fingerprint, read_metadata
 from memguard.defenses import build_defenses
@@ -78,7 +78,8 @@ def run_one(
     judge = spec.judge_spec(config.resolution)
     log = output / "logs" / f"{arm.name}-seed-{seed}.log"
     with captured(log):
-        print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {spec.path}: {arm.name}, seed {seed}")
+        # a line of its own: a killed run may have left half of one
+        print(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {spec.path}: {arm.name}, seed {seed}")
         records = read_metadata(train_dir, config.image_column, config.caption_column)
         data_sha256 = fingerprint(records)
         plan = plan_training(config, data_sha256)
@@ -117,14 +118,20 @@ def run_one(
 
 
 def run_bench(
-    spec: BenchSpec, output_dir: str | Path, device: str | None = None, progress: bool = True
+    spec: BenchSpec | str | Path,
+    output_dir: str | Path,
+    device: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Train and audit every arm x seed of `spec` under `output_dir`, reusing finished runs;
-    write bench.json, bench.md and bench.html there and return bench.json's content.
+    """Train and audit every arm x seed of `spec` (or of the spec file it names) under
+    `output_dir`, reusing finished runs; write bench.json, bench.md and bench.html there and
+    return bench.json's content.
 
     `device`: the audits' torch device (default: cuda when present); training uses
     accelerate's. `progress`: show the one progress bar over the grid.
     """
+    if not isinstance(spec, BenchSpec):
+        spec = load_spec(spec)
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
     device = str(best_device(device))
