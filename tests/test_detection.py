@@ -11,8 +11,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from helpers import tiny_config
 from memguard import Trainer
-from memguard.metrics.detection import first_steps_score, roc_auc, step_magnitudes, tpr_at_fpr
 from memguard.io import load_model
+from memguard.metrics.detection import first_steps_score, roc_auc, step_magnitudes, tpr_at_fpr
 from memguard.sampling import make_sampler
 
 

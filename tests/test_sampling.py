@@ -11,8 +11,8 @@ import torch
 from helpers import tiny_config
 from memguard import Trainer
 from memguard.data.folder import ImageFolderDataset
-from memguard.models import build_unet
 from memguard.io import load_model
+from memguard.models import build_unet
 from memguard.sampling import generate, save_samples
 
 

@@ -70,8 +70,9 @@ def test_lora_trains_only_the_adapters(shapes_dir: Path, pipeline_dir: Path, tmp
 
 
 def test_settings_a_pipeline_brings_itself_are_errors(shapes_dir: Path, pipeline_dir: Path):
-    for key, value in (("model_preset", "tiny"), ("beta_schedule", "linear"),
-                       ("num_train_timesteps", 10), ("prediction_type", "v_prediction")):  # fmt: skip
+    scratch = {"model_preset": "tiny", "beta_schedule": "linear", "num_train_timesteps": 10,
+               "prediction_type": "v_prediction"}  # fmt: skip
+    for key, value in scratch.items():
         with pytest.raises(ConfigError, match=f"{key}: a setting of a model trained from scratch"):
             _sd_config(shapes_dir, pipeline_dir, shapes_dir / "never", **{key: value})
 

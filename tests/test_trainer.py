@@ -138,6 +138,9 @@ def test_resume_from_checkpoint_matches_uninterrupted(shapes_dir: Path, tmp_path
     result = Trainer(resumed).train()
     assert result.steps_run == 3
     assert_same_weights(tmp_path / "full", tmp_path / "split")
+    # the wall time of steps 1-3 comes back from the checkpoint
+    metadata = json.loads((tmp_path / "split" / "memguard.json").read_text())
+    assert metadata["train_seconds"] > result.loop_seconds > 0
 
 
 def _memguard(*args: str) -> list[str]:

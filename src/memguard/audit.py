@@ -23,6 +23,7 @@ import json
 import random
 import time
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +300,9 @@ class Auditor:
         from memguard.metrics.judge import FeatureExtractor
         from memguard.metrics.quality import attribute_accuracy, fid_kid
 
-        results: dict = {"judge": {"heldout_accuracy": judge.heldout_accuracy}}
+        results: dict = {
+            "judge": {"heldout_accuracy": judge.heldout_accuracy, "spec": asdict(judge.spec)}
+        }
         self.warnings += judge.warnings()
 
         ordinary = [i for i, p in enumerate(samples.captions) if p in set(ordinary_prompts)]

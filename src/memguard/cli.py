@@ -4,6 +4,7 @@
     memguard train [--config FILE.yaml] --train_data_dir DIR --output_dir DIR [...]
     memguard sample --model DIR --prompt "..." --num_images N --seed S
     memguard replication --samples_dir DIR --train_data_dir DIR [--output FILE.json]
+    memguard bench configs/bench/NAME.yaml --output_dir DIR [--seeds S.. --arms A.. ...]
 
 `train` runs unchanged under `accelerate launch [--num_processes N] -m memguard train ...`.
 """
@@ -260,6 +261,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
     _print("\n".join(lines) + f"\ncomparison: {out}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from memguard.bench import load_spec, run_bench
+
+    spec = load_spec(args.spec).select(args.arms, args.seeds, args.data_seed)
+    bench = run_bench(spec, args.output_dir, args.device)
+    runs, outputs = bench["runs"], bench["outputs"]
+    trained = sum(run["train"] != "reused" for run in runs)
+    audited = sum(run["audit"] != "reused" for run in runs)
+    counts = f"runs: {len(runs)} ({trained} trained or resumed, {audited} audited, the rest reused)"
+    paths = "\n".join(f"{name}: {path}" for name, path in outputs.items())
+    _print(f"{Path(outputs['bench.md']).read_text()}\n{counts}\n{paths}")
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -314,6 +328,19 @@ def parser() -> argparse.ArgumentParser:
     replication.add_argument("--threshold", type=float, default=1 / 3, help="d1/d2 threshold")
     replication.add_argument("--output", help="write the full results as JSON here")
     replication.set_defaults(run=cmd_replication)
+
+    bench = commands.add_parser(
+        "bench", help="train and audit every arm at every seed of a spec; tables and charts"
+    )
+    bench.add_argument("spec", help="the spec, e.g. configs/bench/projection.yaml")
+    bench.add_argument("--output_dir", required=True, help="runs, logs and the bench.* pages")
+    bench.add_argument("--device", help="torch device of the audits (default: cuda if present)")
+    bench.add_argument("--seeds", nargs="+", type=int, help="these seeds instead of the spec's")
+    bench.add_argument(
+        "--data_seed", type=int, help="build every run's data with this seed (default: its own)"
+    )
+    bench.add_argument("--arms", nargs="+", help="only these arms of the spec")
+    bench.set_defaults(run=cmd_bench)
     return root
 
 

@@ -57,6 +57,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         items = value if isinstance(value, list | tuple) else [value]
         (item_type, _) = typing.get_args(annotation)
         return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(items))
+    if origin is dict:
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping of keys to values, got {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value

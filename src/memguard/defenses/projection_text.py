@@ -163,7 +163,10 @@ class TextProjection(SubspaceGuard):
         basis: torch.Tensor | None = None,
         anchors: tuple[str, ...] = (),
         extra_prompts: tuple[str, ...] = (),
+        captions_from: str | None = None,
     ) -> None:
+        """`extra_prompts`: more prompts naming the concepts; `captions_from`: an image folder
+        whose captions naming them join `extra_prompts` at setup."""
         super().__init__()
         if (
             basis is None
@@ -171,14 +174,13 @@ class TextProjection(SubspaceGuard):
             self.config = TextProjectionConfig(concept=tuple(concept), energy=energy)
         self.concepts, self.energy, self.anchors = tuple(concept), energy, tuple(anchors)
         self.basis = basis.double() if basis is not None else None  # (d, r)
-        self.extra_prompts = tuple(extra_prompts)
+        self.extra_prompts, self.captions_from = tuple(extra_prompts), captions_from
 
     @classmethod
     def for_run(cls, config: TextProjectionConfig, run) -> TextProjection:
         """As `memguard train` builds it: the training captions naming a concept join the
-        prompts the subspace is measured on."""
-        captions = [record.text for record in read_metadata(run.train_data_dir)]
-        return cls(config.concept, config.energy, extra_prompts=tuple(captions))
+        prompts the subspace is measured on (read at setup)."""
+        return cls(config.concept, config.energy, captions_from=run.train_data_dir)
 
     @classmethod
     def from_concepts(
@@ -197,9 +199,12 @@ class TextProjection(SubspaceGuard):
         if self.basis is None:
             if ctx is None or ctx.text_encoder is None:
                 raise ValueError("building the concept subspace needs the run's text encoder")
+            prompts = self.extra_prompts
+            if self.captions_from is not None:
+                prompts += tuple(record.text for record in read_metadata(self.captions_from))
             self.basis = concept_subspace(
                 ctx.text_encoder, list(self.concepts), self.energy, self.anchors,
-                extra_prompts=self.extra_prompts,
+                extra_prompts=prompts,
             )  # fmt: skip
         weights = guarded_weights(model)
         return weights, {name: self.basis for name in weights}

@@ -155,19 +155,24 @@ def build_training(
     return config, build_defenses(config.defense, defense, config, source)
 
 
+def defense_settings(defense: Defense) -> dict[str, Any] | None:
+    """The flags (-> values) that build `defense`; None for one built by hand from a ready
+    subspace, which has none."""
+    if defense.config is None:
+        return None
+    settings = {
+        _flag_of(f): _plain(getattr(defense.config, f.name))
+        for f in dataclasses.fields(defense.config)
+    }
+    kind = KINDS.get(defense.name)
+    if kind is not None and kind.mode_flag:
+        settings[kind.mode_flag] = defense.mode
+    return settings
+
+
 def record(defense: Defense) -> dict[str, Any]:
-    """What memguard.json keeps of an attached defense: name, settings (flag -> value) and
-    report. A defense built by hand from a ready subspace has no settings (None)."""
-    settings = None
-    if defense.config is not None:
-        settings = {
-            _flag_of(f): _plain(getattr(defense.config, f.name))
-            for f in dataclasses.fields(defense.config)
-        }
-        kind = KINDS.get(defense.name)
-        if kind is not None and kind.mode_flag:
-            settings[kind.mode_flag] = defense.mode
-    return {"name": defense.name, "settings": settings, "report": defense.report()}
+    """What memguard.json keeps of an attached defense: name, settings and report."""
+    return {"name": defense.name, "settings": defense_settings(defense), "report": defense.report()}
 
 
 def _plain(value: Any) -> Any:

@@ -39,7 +39,12 @@ from memguard.diffusion import to_latents
 from memguard.distributed import Group
 from memguard.io import save_model
 from memguard.models import add_lora, build_unet, load_stable_diffusion, noise_scheduler
-from memguard.train.checkpoint import load_unit, resolve_resume, save_checkpoint
+from memguard.train.checkpoint import (
+    checkpoint_info,
+    load_unit,
+    resolve_resume,
+    save_checkpoint,
+)
 from memguard.train.draws import GlobalBatchSampler, StepDraws
 from memguard.train.step import TrainingError, TrainingStep
 
@@ -185,11 +190,16 @@ class Trainer:
     """Trains a text-conditional diffusion UNet with a list of defenses attached.
 
     >>> Trainer(TrainConfig(train_data_dir="data/train", output_dir="out")).train()
+
+    `progress=False` hides the progress bar (a caller showing its own, as `memguard bench`).
     """
 
-    def __init__(self, config: TrainConfig, defenses: Sequence[Defense] = ()) -> None:
+    def __init__(
+        self, config: TrainConfig, defenses: Sequence[Defense] = (), progress: bool = True
+    ) -> None:
         self.config = config
         self.defenses = list(defenses)
+        self.progress = progress
 
     def train(self) -> TrainResult:
         cfg = self.config
@@ -204,8 +214,10 @@ class Trainer:
         step = make_step(cfg, run, self.defenses, world)
         step.setup_defenses()
         resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+        seconds_before = 0.0  # training wall time of the runs this one resumes
         if resume is not None:
             step.load_state_dict(load_unit(resume, MODEL_UNIT))
+            seconds_before = checkpoint_info(resume)["train_seconds"]
         start = step.ctx.step
 
         accum, local_batch = cfg.gradient_accumulation_steps, cfg.train_batch_size
@@ -217,8 +229,8 @@ class Trainer:
             DataLoader(run.dataset, batch_sampler=sampler, num_workers=cfg.dataloader_num_workers)
         )
         progress = tqdm(
-            total=cfg.max_train_steps, initial=start, disable=not state.is_local_main_process,
-            desc="train",
+            total=cfg.max_train_steps, initial=start, desc="train",
+            disable=not (self.progress and state.is_local_main_process),
         )  # fmt: skip
         num_timesteps = run.scheduler.config.num_train_timesteps
         window: list[float] = []
@@ -264,7 +276,11 @@ class Trainer:
                 window, log_start = [], now
             if done % cfg.checkpointing_steps == 0:
                 owned = {MODEL_UNIT: step.state_dict()} if main else {}
-                save_checkpoint(output_dir, done, owned, cfg.checkpoints_total_limit, world)
+                seconds = seconds_before + time.perf_counter() - loop_start
+                save_checkpoint(
+                    output_dir, done, owned, cfg.checkpoints_total_limit, world,
+                    info={"train_seconds": seconds},
+                )  # fmt: skip
         loop_seconds = time.perf_counter() - loop_start
         progress.close()
 
@@ -285,6 +301,7 @@ class Trainer:
                 },
                 "seed": cfg.seed,
                 "global_step": step.ctx.step,
+                "train_seconds": seconds_before + loop_seconds,  # summed over resumed runs
                 "final_loss": last_loss,
                 "num_processes": world.size,
                 "defenses": records,

@@ -1,0 +1,169 @@
+"""The grid runner: every arm at every seed trained and audited in this process (or reused, see
+`memguard.bench.reuse`), then `bench.json`, `bench.md` and `bench.html` from their figures.
+
+Under `output_dir`:
+
+    data/seed-S/                 the benchmark for data seed S (train/, test/, ...), and
+                                 train-drop-<hash>/ for each drop_where rule used
+    runs/ARM/seed-S/             the model folder (checkpoints, memguard.json, bench_run.json)
+    runs/ARM/seed-S/audit/       results.json, report.html, samples/
+    logs/ARM-seed-S.log          what the run printed (appended on every invocation)
+    bench.json, bench.md, bench.html
+
+Runs go seed by seed, every arm at a seed before the next seed, so a grid stopped early has
+comparable arms. One progress bar counts runs (an arm at a seed: its training and its audit);
+the trainer's bar is off and the run's output goes to its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from memguard.audit import load_results, run_audit
+from memguard.bench.data import benchmark_data, drop_rows
+from memguard.bench.page import markdown, render_html
+from memguard.bench.reuse import REUSE, TRAIN, audit_reusable, begin_training, plan_training
+from memguard.bench.spec import Arm, BenchSpec, load_spec
+from memguard.bench.stats import LEVEL, RESAMPLES, flatten, summary
+from memguard.data.folder import fingerprint, read_metadata
+from memguard.sampling import best_device
+from memguard.train.checkpoint import METADATA_FILE, write_json
+from memguard.train.trainer import Trainer
+
+BENCH_JSON, BENCH_MD, BENCH_HTML = "bench.json", "bench.md", "bench.html"
+
+
+@contextlib.contextmanager
+def captured(log: Path) -> Iterator[None]:
+    """stdout and stderr appended to `log`; if the block raises, its traceback goes there too
+    and the terminal is told where to look."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with (
+            open(log, "a") as stream,
+            contextlib.redirect_stdout(stream),
+            contextlib.redirect_stderr(stream),
+        ):
+            try:
+                yield
+            except BaseException:
+                traceback.print_exc(file=stream)
+                raise
+    except Exception:
+        tqdm.write(f"memguard bench: a run failed; what it printed is in {log}", file=sys.stderr)
+        raise
+
+
+def run_one(
+    spec: BenchSpec, arm: Arm, seed: int, data: Path, output: Path, device: str, bar: tqdm
+) -> dict[str, Any]:
+    """Train (or reuse) and audit (or reuse) one arm at one seed; its record for bench.json."""
+    train_dir = data / "train"
+    if arm.drop_where:
+        train_dir = drop_rows(train_dir, arm.drop_where)
+    run_dir = output / "runs" / arm.name / f"seed-{seed}"
+    config, defenses = spec.train_config(arm, seed, data, train_dir, run_dir)
+    audit_config = spec.audit_config(run_dir, data, run_dir / "audit", device)
+    judge = spec.judge_spec(config.resolution)
+    log = output / "logs" / f"{arm.name}-seed-{seed}.log"
+    with captured(log):
+        # a line of its own: a killed run may have left half of one
+        print(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {spec.path}: {arm.name}, seed {seed}")
+        records = read_metadata(train_dir, config.image_column, config.caption_column)
+        data_sha256 = fingerprint(records)
+        plan = plan_training(config, defenses, data_sha256)
+        print(f"training: {plan}")
+        if plan == TRAIN:
+            begin_training(config, defenses, data_sha256)
+        if plan != REUSE:
+            bar.set_postfix_str(f"{arm.name}, seed {seed}: training")
+            Trainer(config, defenses, progress=False).train()
+        metadata = json.loads((run_dir / METADATA_FILE).read_text())
+        reused = audit_reusable(audit_config, judge, metadata)
+        print(f"audit: {'reused' if reused else 'audited'}")
+        if reused:
+            results = load_results(audit_config.output_dir)
+        else:
+            bar.set_postfix_str(f"{arm.name}, seed {seed}: audit")
+            results = run_audit(audit_config, judge)
+    train_seconds = metadata.get("train_seconds")
+    figures = flatten(results)
+    if train_seconds is not None:
+        figures["train_seconds"] = float(train_seconds)
+    return {
+        "arm": arm.name,
+        "seed": seed,
+        "data_seed": spec.data_seed_of(seed),
+        "settings": {"train": arm.train, "drop_where": arm.drop_where},
+        "train_config": metadata["config"],
+        "train": plan,
+        "audit": "reused" if reused else "audited",
+        "train_seconds": train_seconds,
+        "model_dir": str(run_dir),
+        "audit_dir": audit_config.output_dir,
+        "log": str(log),
+        "figures": figures,
+    }
+
+
+def run_bench(
+    spec: BenchSpec | str | Path,
+    output_dir: str | Path,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and audit every arm x seed of `spec` (or of the spec file it names) under
+    `output_dir`, reusing finished runs; write bench.json, bench.md and bench.html there and
+    return bench.json's content.
+
+    `device`: the audits' torch device (default: cuda when present); training uses
+    accelerate's. `progress`: show the one progress bar over the grid.
+    """
+    if not isinstance(spec, BenchSpec):
+        spec = load_spec(spec)
+    output = Path(output_dir).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    device = str(best_device(device))
+    runs = []
+    total = len(spec.arms) * len(spec.seeds)
+    with tqdm(total=total, unit="run", desc=spec.path.stem, disable=not progress) as bar:
+        for seed in spec.seeds:
+            data_seed = spec.data_seed_of(seed)
+            bar.set_postfix_str(f"data, seed {data_seed}")
+            root = output / "data" / f"seed-{data_seed}"
+            data = benchmark_data(spec.shapes_config(data_seed, root))
+            for arm in spec.arms:
+                runs.append(run_one(spec, arm, seed, data, output, device, bar))
+                bar.update()
+    paths = {name: str(output / name) for name in (BENCH_JSON, BENCH_MD, BENCH_HTML)}
+    bench = {
+        "name": spec.path.stem,
+        "spec": str(spec.path.resolve()),
+        "device": device,
+        "seeds": list(spec.seeds),
+        "data_seed": spec.data_seed,
+        "base": spec.base,
+        "data": spec.data,
+        "audit": spec.audit,
+        "judge": spec.judge,
+        "figures": [asdict(figure) for figure in spec.figures],
+        "bootstrap_resamples": RESAMPLES,
+        "bootstrap_level": LEVEL,
+        "summary": summary(runs, [arm.name for arm in spec.arms], [f.key for f in spec.figures]),
+        "runs": runs,
+        "outputs": {**paths, "logs": str(output / "logs")},
+    }
+    write_json(paths[BENCH_JSON], bench)
+    Path(paths[BENCH_MD]).write_text(markdown(bench))
+    render_html(bench, paths[BENCH_HTML])
+    return bench
