@@ -27,8 +27,8 @@ from memguard.audit import RESULTS_FILE
 from memguard.config import AuditConfig, TrainConfig, to_dict
 from memguard.defenses.base import Defense
 from memguard.defenses.registry import defense_settings
+from memguard.io import METADATA_FILE, write_json
 from memguard.metrics.judge import JudgeSpec
-from memguard.train.checkpoint import METADATA_FILE, write_json
 
 INTENT_FILE = "bench_run.json"
 REUSE, RESUME, TRAIN = "reused", "resumed", "trained"

@@ -36,8 +36,7 @@ from memguard.bench.reuse import REUSE, TRAIN, audit_reusable, begin_training, p
 from memguard.bench.spec import Arm, BenchSpec, load_spec
 from memguard.bench.stats import LEVEL, RESAMPLES, flatten, summary
 from memguard.data.folder import fingerprint, read_metadata
-from memguard.sampling import best_device
-from memguard.train.checkpoint import METADATA_FILE, write_json
+from memguard.io import METADATA_FILE, best_device, write_json
 from memguard.train.trainer import Trainer
 
 BENCH_JSON, BENCH_MD, BENCH_HTML = "bench.json", "bench.md", "bench.html"
