@@ -125,17 +125,18 @@ def figures(results: dict) -> dict:
     duplicated = results["replication"]["by_prompt_kind"]["duplicated"]
     defenses = results["model_training"].get("defenses") or {}
     projection = defenses.get("projection", {}) if isinstance(defenses, dict) else {}
+    extraction = benchmark["concept_extraction"]
     return {
-        "concept_extraction": benchmark["concept_extraction"]["rates"],
-        "strongest_attack": benchmark["concept_extraction"]["strongest_attack"],
-        "strongest_rate": benchmark["concept_extraction"]["strongest_rate"],
+        "concept_extraction": {k: r["rate"] for k, r in extraction["rates"].items()},
+        "strongest_attack": extraction["strongest_attack"],
+        "strongest_rate": extraction["strongest_rate"]["rate"],
         "fid": quality["fid"],
         "kid": quality["kid_mean"],
-        "attribute_accuracy": benchmark["attribute_accuracy"]["all"],
+        "attribute_accuracy": benchmark["attribute_accuracy"]["all"]["rate"],
         "attribute_accuracy_concept_captions": benchmark["attribute_accuracy_on_concept_captions"][
             "all"
-        ],
-        "duplicates_replicated": duplicated["replica_rate"],
+        ]["rate"],
+        "duplicates_replicated": duplicated["replica_rate"]["rate"],
         "leak": projection.get("leak"),
     }
 
