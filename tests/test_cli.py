@@ -50,3 +50,10 @@ def test_missing_prompt_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         cli.main(["sample", "--model", str(tmp_path), "--prompt_file", str(tmp_path / "p.txt")])
     assert "--prompt_file: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["data shapes", "train", "sample", "audit"])
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main([*command.split(), "--help"])
+    assert exit_code.value.code == 0 and "--seed" in capsys.readouterr().out

@@ -44,7 +44,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         kwargs: dict = {"default": argparse.SUPPRESS, "dest": f.name}
         default = "" if f.default is None else f" (default: {f.default})"
-        kwargs["help"] = f.metadata.get("help", "") + default
+        kwargs["help"] = (f.metadata.get("help", "") + default).replace("%", "%%")  # argparse
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if typing.get_origin(hints[f.name]) is tuple:

@@ -253,7 +253,9 @@ def mq_distinct_l2(
     return _ratio(distances[:, 0], distances.mean(dim=1))
 
 
-def fractions_below(values: torch.Tensor, thresholds=MQ_THRESHOLDS) -> dict[str, dict]:
+def fractions_below(
+    values: torch.Tensor, thresholds: tuple[float, ...] = MQ_THRESHOLDS
+) -> dict[str, dict]:
     """{threshold: the rate (`memguard.metrics.intervals.binomial_rate`) of values strictly
     below it}."""
     return {f"{t:g}": rate_of((values < t).tolist()) for t in thresholds}
