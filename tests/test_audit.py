@@ -17,6 +17,8 @@ from helpers import tiny_config
 from memguard import Trainer, cli
 from memguard.audit import run_audit
 from memguard.config import AuditConfig
+from memguard.data.shapes import CONCEPT_SUFFIX
+from memguard.metrics.intervals import generations_per_prompt, wilson_interval
 from memguard.metrics.judge import JudgeSpec
 from memguard.models import build_unet
 
@@ -24,19 +26,37 @@ TINY_JUDGE = JudgeSpec(image_size=8, num_train=1000, num_heldout=200, steps=150,
 
 
 def _audit(model: Path, shapes_dir: Path, output: Path, **overrides) -> dict:
+    settings = {
+        "num_images": 2,
+        "num_ordinary_prompts": 3,
+        "num_inference_steps": 3,
+        "detection_seeds": 1,
+        "detection_steps": 0,
+        "inversion_steps": 3,
+    }
     config = AuditConfig(
         model=str(model),
         train_data_dir=str(shapes_dir / "train"),
         output_dir=str(output),
-        num_images=2,
-        num_ordinary_prompts=3,
-        num_inference_steps=3,
-        detection_seeds=1,
-        detection_steps=0,
-        inversion_steps=3,
-        **overrides,
+        **(settings | overrides),
     )
     return run_audit(config, judge_spec=TINY_JUDGE)
+
+
+def _rates(tree, path: str = "") -> dict[str, dict]:
+    """{path: rate} of every rate (a dict with a 'rate' key) in a results tree."""
+    if isinstance(tree, dict) and "rate" in tree:
+        return {path: tree}
+    if isinstance(tree, dict):
+        children = tree.items()
+    elif isinstance(tree, list):
+        children = enumerate(tree)
+    else:
+        return {}
+    found: dict[str, dict] = {}
+    for key, value in children:
+        found |= _rates(value, f"{path}/{key}")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +70,27 @@ def audited(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_every_section_is_written(audited) -> None:
     output, results = audited
     assert json.loads((output / "results.json").read_text()) == json.loads(json.dumps(results))
-    kinds = results["replication"]["by_prompt_kind"]
+    replication = results["replication"]
+    kinds = replication["by_prompt_kind"]
     assert kinds["duplicated"]["generations"] == 4 and kinds["ordinary"]["generations"] == 6
-    assert set(results["replication"]["mq"]["fraction_below"]) >= {"0.15", "0.5", "0.9"}
+    for figures in kinds.values():
+        for name in ("replica_rate", "replica_rate_all_rows", "own_replica_rate"):
+            assert figures[name]["n"] == figures["generations"]
+    assert set(replication["definitions"]) >= {"replica_rate", "replica_rate_all_rows", "iet_mq"}
+    assert replication["mq"]["iet_mq"]["k"] == min(50, replication["num_train_images"])
+    assert replication["mq"]["mq_distinct_l2"]["k"] == min(
+        50, replication["num_distinct_train_images"]
+    )
+    for mq in replication["mq"].values():
+        assert set(mq["fraction_below"]) >= {"0.15", "0.5", "0.9"}
+        assert all(r["n"] == 10 for r in mq["fraction_below"].values())
+    assert {"iet_mq", "mq_distinct_l2", "replica_all_rows"} <= set(replication["generations"][0])
     assert "judge" in results["similarity"]["descriptor"]
     detection = results["detection"]
     assert len(detection["scores"]) == 5 and 0.0 <= detection["auc"] <= 1.0
     assert detection["auc_by_first_steps"]["3"] == detection["auc"]  # all 3 steps: the default
+    assert "FPR < 0.01" in detection["tpr_at_1pct_fpr_rule"]
+    assert detection["starts"].startswith("the same 1 starting noises")
     benchmark = results["benchmark"]
     assert set(benchmark["judge"]["heldout_accuracy"]) == {
         "shape",
@@ -67,13 +101,62 @@ def test_every_section_is_written(audited) -> None:
     assert benchmark["quality"]["fid"] >= 0 and benchmark["quality"]["num_real"] == 8
     # the captions of the logo-carrying training images, the concept words removed
     concept_captions = benchmark["attribute_accuracy_on_concept_captions"]
-    assert concept_captions["generations"] > 0 and 0.0 <= concept_captions["all"] <= 1.0
-    rates = benchmark["concept_extraction"]["rates"]
+    assert concept_captions["all"]["n"] > 0 and concept_captions["all"]["n"] % 2 == 0
+    extraction = benchmark["concept_extraction"]
+    rates = extraction["rates"]
     assert set(rates) == {"naming_prompts", "paraphrases", "learned_embedding", "generic_base_rate"}
-    assert all(0.0 <= r <= 1.0 for r in rates.values())
+    bases = rates["generic_base_rate"]["n"] // 2  # 2 generations per prompt (num_images)
+    assert rates["naming_prompts"]["n"] == rates["learned_embedding"]["n"] == 2 * bases
+    assert rates["paraphrases"]["n"] == 2 * bases * 4
+    assert extraction["strongest_rate"] == rates[extraction["strongest_attack"]]
     assert results["train_data"]["num_images"] == len(
         (Path(results["train_data"]["path"]) / "metadata.jsonl").read_text().splitlines()
     )
+
+
+def test_every_rate_carries_its_interval(audited) -> None:
+    _, results = audited
+    rates = _rates(results)
+    assert len(rates) > 40  # replication, MQ, similarity, attributes, extraction
+    for path, rate in rates.items():
+        assert set(rate) == {"rate", "count", "n", "ci95"}, path
+        assert rate["rate"] == rate["count"] / rate["n"], path
+        assert rate["ci95"] == list(wilson_interval(rate["count"], rate["n"])), path
+    # no rate written as a bare number
+    assert not any(
+        isinstance(figures[name], float)
+        for figures in results["replication"]["by_prompt_kind"].values()
+        for name in figures
+    )
+
+
+def test_generations_per_rate_by_default(audited, shapes_dir, tmp_path) -> None:
+    _, results = audited
+    again = _audit(
+        results["model"], shapes_dir, tmp_path, num_images=None, min_generations_per_rate=6,
+        inversion_steps=0,
+    )  # fmt: skip
+    kinds = again["replication"]["by_prompt_kind"]
+    prompts = {k: sum(p["kind"] == k for p in again["replication"]["prompts"]) for k in kinds}
+    assert prompts == {"duplicated": 2, "ordinary": 3}
+    assert kinds["duplicated"]["generations"] == 2 * 3 and kinds["ordinary"]["generations"] == 6
+    ordinary = [p["prompt"] for p in again["replication"]["prompts"] if p["kind"] == "ordinary"]
+    bases = len([p for p in ordinary if CONCEPT_SUFFIX not in p])
+    rates = again["benchmark"]["concept_extraction"]["rates"]
+    assert set(rates) == {"naming_prompts", "paraphrases", "generic_base_rate"}  # no inversion
+    assert rates["naming_prompts"]["n"] == bases * generations_per_prompt(6, bases)
+    assert rates["generic_base_rate"]["n"] == bases * generations_per_prompt(6, bases)
+    assert rates["paraphrases"]["n"] == 4 * bases * generations_per_prompt(6, 4 * bases)
+    assert again["benchmark"]["attribute_accuracy"]["all"]["n"] == 6
+    assert again["benchmark"]["attribute_accuracy_on_concept_captions"]["all"]["n"] >= 6
+
+
+def test_the_replication_command_reports_the_audits_section(audited, shapes_dir, tmp_path) -> None:
+    output, results = audited
+    written = tmp_path / "replication.json"
+    cli.main(["replication", "--samples_dir", str(output / "samples"),
+              "--train_data_dir", str(shapes_dir / "train"), "--output", str(written)])  # fmt: skip
+    assert json.loads(written.read_text()) == json.loads(json.dumps(results["replication"]))
 
 
 def test_existing_samples_are_measured_not_regenerated(audited, shapes_dir, tmp_path) -> None:

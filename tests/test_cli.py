@@ -36,10 +36,13 @@ def test_data_train_sample_replication(tmp_path: Path, capsys: pytest.CaptureFix
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "benchmark written to" in out and "trained 4 steps" in out
-    assert "6 images for 3 prompts" in out and "duplicated prompts:" in out
+    assert "6 images for 3 prompts" in out
+    assert "replication, duplicated prompts, 4 generations:" in out
+    assert "IET's MQ (squared L2, every training row) below 0.15" in out
     summary = json.loads((tmp_path / "replication.json").read_text())
     assert summary["by_prompt_kind"]["duplicated"]["generations"] == 4
-    assert summary["by_prompt_kind"]["ordinary"]["generations"] == 2
+    assert summary["by_prompt_kind"]["ordinary"]["replica_rate_all_rows"]["n"] == 2
+    assert set(summary["mq"]) == {"iet_mq", "mq_distinct_l2"}
     assert len(summary["generations"]) == 6
 
 
@@ -47,3 +50,10 @@ def test_missing_prompt_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         cli.main(["sample", "--model", str(tmp_path), "--prompt_file", str(tmp_path / "p.txt")])
     assert "--prompt_file: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["data shapes", "train", "sample", "audit"])
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main([*command.split(), "--help"])
+    assert exit_code.value.code == 0 and "--seed" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Wen et al. detection: d(p) as defined, and ROC figures against scikit-learn."""
+"""Wen et al. detection: d(p) as defined, and ROC figures against scikit-learn and Wen et al.'s
+evaluation (TPR at the last ROC point with FPR strictly below 1%)."""
 
 from __future__ import annotations
 
@@ -12,27 +13,56 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from helpers import tiny_config
 from memguard import Trainer
 from memguard.io import load_model
-from memguard.metrics.detection import first_steps_score, roc_auc, step_magnitudes, tpr_at_fpr
+from memguard.metrics.detection import (
+    first_steps_score,
+    roc_auc,
+    roc_points,
+    step_magnitudes,
+    tpr_at_fpr,
+)
 from memguard.sampling import make_sampler
+
+
+def reference_tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, limit: float) -> float:
+    """Wen et al.'s evaluation: scikit-learn's ROC curve, the last point with FPR < limit."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(tpr[np.where(fpr < limit)[0][-1]])
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_roc_figures_match_scikit_learn(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    labels = rng.uniform(size=300) < 0.3
-    scores = np.round(rng.normal(size=300) + labels, 1)  # rounding makes ties
+    labels = rng.uniform(size=1000) < 0.3  # about 700 negatives: FPR < 1% spans 7 of them
+    scores = np.round(rng.normal(size=1000) + 2 * labels, 1)  # rounding makes ties
     assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
     fpr, tpr, _ = roc_curve(labels, scores)
-    for limit in (0.0, 0.01, 0.1, 0.5):
-        assert tpr_at_fpr(scores, labels, limit) == pytest.approx(tpr[fpr <= limit].max())
+    ours_fpr, ours_tpr = roc_points(scores, labels)
+    assert np.array_equal(ours_fpr, fpr) and np.array_equal(ours_tpr, tpr)
+    for limit in (0.005, 0.01, 0.1, 0.5):
+        assert tpr_at_fpr(scores, labels, limit) == reference_tpr_at_fpr(scores, labels, limit)
+
+
+def test_tpr_at_1pct_fpr_is_strictly_below_on_the_corners() -> None:
+    # 300 negatives: three tied (positive, negative) pairs put ROC points at FPR 1/300, 2/300
+    # and 3/300 = 1%. The point at 2/300 lies on the line between its neighbours, so
+    # scikit-learn's curve leaves it out, and the point at exactly 1% is not below 1%.
+    labels = np.array([True, False] * 3 + [True] * 7 + [False] * 297)
+    scores = np.array([10.0, 10.0, 9.0, 9.0, 8.0, 8.0] + [5.0] * 7 + [0.0] * 297)
+    assert reference_tpr_at_fpr(scores, labels, 0.01) == 0.1
+    assert tpr_at_fpr(scores, labels, 0.01) == 0.1  # not 0.2 (2/300) nor 0.3 (FPR <= 1%)
 
 
 def test_perfect_and_tied_scores() -> None:
     assert roc_auc([3.0, 2.0, 1.0], [True, False, False]) == 1.0
     assert roc_auc([1.0, 1.0], [True, False]) == 0.5
-    assert tpr_at_fpr([3.0, 2.0, 1.0], [True, True, False], 0.0) == 1.0
+    assert tpr_at_fpr([3.0, 2.0, 1.0], [True, True, False], 0.01) == 1.0
+    assert tpr_at_fpr([1.0, 1.0], [True, False], 0.01) == 0.0  # only the (0, 0) start
     with pytest.raises(ValueError, match="one positive and one negative"):
         roc_auc([1.0], [True])
+    with pytest.raises(ValueError, match="one positive and one negative"):
+        tpr_at_fpr([1.0], [True])
+    with pytest.raises(ValueError, match="max_fpr must be positive"):
+        tpr_at_fpr([1.0, 0.0], [True, False], 0.0)
 
 
 def test_magnitude_is_the_mean_norm_along_the_trajectory(shapes_dir: Path, tmp_path) -> None:

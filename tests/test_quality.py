@@ -8,6 +8,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from memguard.metrics.intervals import binomial_rate
 from memguard.metrics.quality import (
     attribute_accuracy,
     caption_attributes,
@@ -70,4 +71,11 @@ def test_attribute_accuracy_reads_prompts() -> None:
         "background": ["gray", "white", "gray"],
     }
     result = attribute_accuracy(prompts, predicted)
-    assert result == {"shape": 0.5, "color": 1.0, "background": 1.0, "all": 0.5, "generations": 2}
+    assert {name: (r["count"], r["n"]) for name, r in result.items()} == {
+        "shape": (1, 2),
+        "color": (2, 2),
+        "background": (2, 2),
+        "all": (1, 2),
+    }
+    assert result["all"] == binomial_rate(1, 2)
+    assert attribute_accuracy(["x"], {"color": ["red"]}) == {}

@@ -65,3 +65,20 @@ def test_a_unet_saved_by_plain_diffusers_loads(tmp_path: Path) -> None:
     model = load_model(tmp_path)
     assert model.metadata == {} and model.encoder.spec()["name"] == "minilm"
     assert _generate(model, 0).shape == (6, 3, 8, 8)
+
+
+def test_a_count_per_prompt(model_dir: Path, tmp_path: Path) -> None:
+    model, prompts = load_model(model_dir), ["a red circle", "a blue square"]
+    uneven = generate(model, prompts, [1, 3], 0, "ddim", num_inference_steps=4, progress=False)
+    even = _generate(model, 0, prompts=prompts)  # 3 per prompt, from the same starts
+    torch.testing.assert_close(uneven, even[[0, 3, 4, 5]], atol=1e-5, rtol=0)
+    save_samples(uneven, prompts, [1, 3], 0, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["text"], r["seed"]) for r in rows] == [
+        ("0000_00.png", "a red circle", 0),
+        ("0001_00.png", "a blue square", 0),
+        ("0001_01.png", "a blue square", 1),
+        ("0001_02.png", "a blue square", 2),
+    ]
+    with pytest.raises(ValueError, match="3 image counts for 2 prompts"):
+        generate(model, prompts, [1, 1, 1], 0, progress=False)

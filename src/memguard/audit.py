@@ -3,18 +3,24 @@
 Works on any model folder `memguard.io.load_model` reads (memguard's output, a diffusers
 UNet folder, a Stable Diffusion pipeline folder) and the image folder it was trained on:
 
-- replication: Gu et al.'s d1/d2 ratio, IET's MQ, feature-space
-  similarity (SSCD from a local TorchScript file, or the benchmark judge's features), and which
-  training images are hit;
+- replication: Gu et al.'s d1/d2 criterion (copies merged, and over every training row as the
+  paper's code counts), IET's MQ (and memguard's variant on distinct images, named apart),
+  feature-space similarity (SSCD from a local TorchScript file, or the benchmark judge's
+  features), and which training images are hit (`memguard.metrics.replication`);
 - prompt-level detection (Wen et al.): d(p) per prompt, AUC and TPR at 1% FPR of duplicated
   against ordinary prompts;
 - on the shapes benchmark (a `dataset.json` beside the training folder): the judge's held-out
   accuracy, FID/KID against the held-out split, attribute accuracy, and concept extraction by
-  prompts that name the concept, paraphrases and generic prompts (the base rate).
+  prompts that name the concept, paraphrases, a learned embedding and generic prompts (the base
+  rate).
 
 Prompts come in three kinds: *duplicated* (a planted duplicate's caption when the folder has a
 `duplicate_group` column, otherwise a training caption with a repeated image), *ordinary* (any
-other training caption) and *unseen*. Everything lands in one `results.json`.
+other training caption) and *unseen*. Every rate is reported with its 95% Wilson interval
+(`memguard.metrics.intervals`), and each rests on at least `min_generations_per_rate`
+generations: a set of P prompts behind one rate (a prompt kind, an attack) is sampled
+ceil(min_generations_per_rate / P) times per prompt, unless `num_images` fixes the count.
+Everything lands in one `results.json`.
 """
 
 from __future__ import annotations
@@ -38,12 +44,15 @@ from memguard.data.shapes import CONCEPT_PARAPHRASES, CONCEPT_SUFFIX
 from memguard.io import DiffusionModel, load_model, write_json
 from memguard.metrics.descriptors import ScriptedDescriptor, check_file
 from memguard.metrics.detection import first_steps_score, roc_auc, step_magnitudes, tpr_at_fpr
+from memguard.metrics.intervals import generations_per_prompt, rate_of
 from memguard.metrics.replication import (
-    DistinctNeighbors,
+    MQ_K,
+    Replication,
     distinct_rows,
     fractions_below,
     gu_replication,
-    mq_ratio,
+    iet_mq,
+    mq_distinct_l2,
     nearest_cosine,
     nearest_distinct,
     similarity_summary,
@@ -53,7 +62,6 @@ from memguard.sampling import generate, save_samples
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
-MQ_K = 50  # IET: d1 / mean(d1..d50)
 
 
 # ------------------------------------------------------------------------------- folders
@@ -96,11 +104,68 @@ class PromptKinds:
         return "duplicated" if prompt in self.duplicated else "ordinary"
 
 
-def _rate(flags: list[bool]) -> float | None:
-    return sum(flags) / len(flags) if flags else None
-
-
 # --------------------------------------------------------------------------- replication
+
+DEFINITIONS = {
+    "replica_rate": "Gu et al. 2023, copies merged: d1/d2 < threshold with d1, d2 the distances to "
+    "the two nearest DISTINCT training images, so a copy of a duplicated image counts",
+    "replica_rate_all_rows": "Gu et al. 2023 as DiffMemorize's mem_ratio.py computes it: d1/d2 < "
+    "threshold over every training row, so a copy of an image duplicated in the training set "
+    "has d1 = d2 and does not count",
+    "own_replica_rate": "replica (copies merged) whose nearest image carries the prompt as caption",
+    "nearest_is_own_rate": "the nearest distinct training image carries the prompt as caption",
+    "iet_mq": "IET-AGC (Liu et al., ECCV 2024), attack/all_in.py: d1^2 / mean(d1^2..dk^2), squared "
+    "L2 to the k nearest training rows, copies kept, the mean including d1",
+    "mq_distinct_l2": "memguard's variant, not IET's figure: d1 / mean(d1..dk), plain L2 to the k "
+    "nearest distinct training images, copies merged",
+}
+
+
+RATES = {  # rate in results.json: the flag of each generation it counts
+    "replica_rate": "replica",
+    "replica_rate_all_rows": "replica_all_rows",
+    "own_replica_rate": "own_replica",
+    "nearest_is_own_rate": "nearest_is_own",
+}
+
+
+def _figures(rows: list[dict]) -> dict:
+    """The rates of a set of generations (at least one)."""
+    rates = {name: rate_of(row[flag] for row in rows) for name, flag in RATES.items()}
+    return {"generations": len(rows), **rates}
+
+
+def _generation_rows(
+    samples: ImageFolderDataset,
+    train: ImageFolderDataset,
+    result: Replication,
+    mq: dict[str, torch.Tensor],
+    kinds: PromptKinds,
+) -> list[dict]:
+    """One row per generation: its prompt and kind, both Gu ratios and verdicts, both MQs."""
+    groups_of_caption: dict[str, set[int]] = defaultdict(set)
+    for caption, group in zip(train.captions, result.groups.tolist(), strict=True):
+        groups_of_caption[caption].add(group)
+    rows = []
+    for i, prompt in enumerate(samples.captions):
+        replica = bool(result.is_replica[i])
+        own = int(result.nearest_group[i]) in groups_of_caption.get(prompt, set())
+        rows.append(
+            {
+                "file_name": samples.records[i].path.name,
+                "prompt": prompt,
+                "kind": kinds(prompt),
+                "ratio": float(result.ratio[i]),
+                "replica": replica,
+                "ratio_all_rows": float(result.ratio_all_rows[i]),
+                "replica_all_rows": bool(result.is_replica_all_rows[i]),
+                "own_replica": replica and own,
+                "nearest_is_own": own,
+                "nearest_file": train.records[int(result.nearest[i])].path.name,
+                **{name: float(values[i]) for name, values in mq.items()},
+            }
+        )
+    return rows
 
 
 def replication_summary(
@@ -110,64 +175,51 @@ def replication_summary(
     train_images: torch.Tensor,  # images01(train)
     threshold: float = 1 / 3,
     backend: str = "torch",
-    neighbors: DistinctNeighbors | None = None,
+    distinct: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
-    """Gu et al. replication of every generation, by prompt kind and by prompt (`neighbors`: the
-    pixel-space search, when already made)."""
-    result = gu_replication(
-        generated.flatten(1), train_images.flatten(1), threshold, neighbors, backend=backend
-    )
-    groups = result.groups.tolist()
-    kinds = PromptKinds(train, groups)
-    groups_of_caption: dict[str, set[int]] = defaultdict(set)
-    for caption, group in zip(train.captions, groups, strict=True):
-        groups_of_caption[caption].add(group)
-
-    generations = []
-    for i, prompt in enumerate(samples.captions):
-        replica = bool(result.is_replica[i])
-        own = int(result.nearest_group[i]) in groups_of_caption.get(prompt, set())
-        generations.append(
-            {
-                "file_name": samples.records[i].path.name,
-                "prompt": prompt,
-                "kind": kinds(prompt),
-                "ratio": float(result.ratio[i]),
-                "replica": replica,
-                "own_replica": replica and own,
-                "nearest_is_own": own,
-                "nearest_file": train.records[int(result.nearest[i])].path.name,
-            }
-        )
-
-    def figures(rows: list[dict]) -> dict:
-        return {
-            "generations": len(rows),
-            "replica_rate": _rate([r["replica"] for r in rows]),
-            "own_replica_rate": _rate([r["own_replica"] for r in rows]),
-            "nearest_is_own_rate": _rate([r["nearest_is_own"] for r in rows]),
-        }
-
+    """The replication section of results.json, for the audit and `memguard replication` alike:
+    Gu et al.'s criterion in both conventions, overall, by prompt kind and by prompt; IET's MQ
+    and memguard's variant; the training images hit most. One exact search of the distinct
+    training images serves every figure (`distinct`: `distinct_rows` of the training images,
+    when already computed)."""
+    queries, reference = generated.flatten(1), train_images.flatten(1)
+    neighbors = nearest_distinct(queries, reference, MQ_K, distinct, backend=backend)
+    result = gu_replication(queries, reference, threshold, neighbors)
+    mq = {
+        "iet_mq": iet_mq(queries, reference, MQ_K, neighbors),
+        "mq_distinct_l2": mq_distinct_l2(queries, reference, MQ_K, neighbors),
+    }
+    kinds = PromptKinds(train, result.groups.tolist())
+    generations = _generation_rows(samples, train, result, mq, kinds)
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for row in generations:
         by_prompt[row["prompt"]].append(row)
     hits = Counter(row["nearest_file"] for row in generations if row["replica"])
     caption_of = {record.path.name: record.text for record in train.records}
+    num_distinct = len(neighbors.representatives)
     return {
-        "criterion": "gu: d1/d2 < threshold, pixel space, distinct training images",
+        "criterion": "Gu et al. 2023: a replica when d1/d2 < threshold, pixel space",
+        "definitions": DEFINITIONS,
         "threshold": threshold,
         "resolution": samples.resolution,
         "num_train_images": len(train),
-        "num_distinct_train_images": len(set(groups)),
-        "overall": figures(generations),
+        "num_distinct_train_images": num_distinct,
+        "overall": _figures(generations),
         "by_prompt_kind": {
-            kind: figures([r for r in generations if r["kind"] == kind])
+            kind: _figures([r for r in generations if r["kind"] == kind])
             for kind in ("duplicated", "ordinary", "unseen")
             if any(r["kind"] == kind for r in generations)
         },
         "prompts": [
-            {"prompt": p, "kind": kinds(p), **figures(rows)} for p, rows in by_prompt.items()
+            {"prompt": p, "kind": kinds(p), **_figures(rows)} for p, rows in by_prompt.items()
         ],
+        "mq": {
+            "iet_mq": {"k": min(MQ_K, len(train)), "fraction_below": fractions_below(mq["iet_mq"])},
+            "mq_distinct_l2": {
+                "k": min(MQ_K, num_distinct),
+                "fraction_below": fractions_below(mq["mq_distinct_l2"]),
+            },
+        },
         "most_replicated": [
             {"file_name": name, "caption": caption_of[name], "replicas": count}
             for name, count in hits.most_common(20)
@@ -205,7 +257,14 @@ class Auditor:
         self.model: DiffusionModel = load_model(config.model, config.device)
         self.warnings: list[str] = []
 
-    def generate(self, prompts: list[str], num_images: int) -> torch.Tensor:
+    def per_prompt(self, num_prompts: int) -> int:
+        """Generations per prompt of a set of `num_prompts` prompts behind one reported rate:
+        --num_images when given, else enough for `min_generations_per_rate` over the set."""
+        if self.config.num_images is not None:
+            return self.config.num_images
+        return generations_per_prompt(self.config.min_generations_per_rate, num_prompts)
+
+    def generate(self, prompts: list[str], num_images: int | list[int]) -> torch.Tensor:
         c = self.config
         return generate(
             self.model,
@@ -219,12 +278,19 @@ class Auditor:
             progress=False,
         )
 
-    def samples(self, prompts: list[str]) -> Path:
+    def generate_set(self, prompts: list[str]) -> tuple[list[str], torch.Tensor]:
+        """The generations of one rate's prompts, and the prompt of each generation."""
+        per_prompt = self.per_prompt(len(prompts))
+        return [p for p in prompts for _ in range(per_prompt)], self.generate(prompts, per_prompt)
+
+    def samples(self, prompts: list[str], kinds: PromptKinds) -> Path:
+        """The generations replication is measured on: each prompt kind is one rate."""
         if self.config.samples_dir is not None:
             return Path(self.config.samples_dir)
-        images = self.generate(prompts, self.config.num_images)
-        folder = self.output / "samples"
-        return save_samples(images, prompts, self.config.num_images, self.config.seed, folder)
+        size = Counter(kinds(p) for p in prompts)
+        counts = [self.per_prompt(size[kinds(p)]) for p in prompts]
+        images = self.generate(prompts, counts)
+        return save_samples(images, prompts, counts, self.config.seed, self.output / "samples")
 
     def detection(self, prompts: list[str], kinds: PromptKinds) -> dict:
         c = self.config
@@ -247,6 +313,9 @@ class Auditor:
         result: dict = {
             "method": "Wen et al. 2024: mean ||eps(x_t, p) - eps(x_t, '')|| over sampling steps",
             "seeds": c.detection_seeds,
+            "starts": f"the same {c.detection_seeds} starting noises (seeds 0.."
+            f"{c.detection_seeds - 1}) for every prompt, a paired comparison; Wen et al. draw "
+            "each prompt's own",
             "steps": c.detection_steps or c.num_inference_steps,
             "scores": rows,
         }
@@ -254,6 +323,9 @@ class Auditor:
             values = scores[labelled].numpy()
             result["auc"] = roc_auc(values, labels)
             result["tpr_at_1pct_fpr"] = tpr_at_fpr(values, labels, 0.01)
+            result["tpr_at_1pct_fpr_rule"] = (
+                "Wen et al.'s: the last ROC point (scikit-learn's roc_curve) with FPR < 0.01"
+            )
             # how the choice of steps matters: the same score over the first k steps
             total = magnitudes.shape[1]
             result["auc_by_first_steps"] = {
@@ -306,9 +378,8 @@ class Auditor:
         self.warnings += judge.warnings()
 
         ordinary = [i for i, p in enumerate(samples.captions) if p in set(ordinary_prompts)]
-        generated = images01(samples)
         if ordinary:
-            predicted = judge.predict(generated[ordinary])
+            predicted = judge.predict(images01(samples)[ordinary])
             prompts = [samples.captions[i] for i in ordinary]
             results["attribute_accuracy"] = attribute_accuracy(prompts, predicted)
         # What the concept-carrying training images taught, the concept words removed: the data
@@ -316,11 +387,10 @@ class Auditor:
         carried = [c for c, has in zip(train.captions, train.column("has_concept"), strict=True)
                    if has and CONCEPT_SUFFIX in c]  # fmt: skip
         if carried:
-            prompts = sorted({c.replace(CONCEPT_SUFFIX, "") for c in carried})
-            per_prompt = max(1, self.config.num_images // 2)
-            predicted = judge.predict(self.generate(prompts, per_prompt))
+            bare = sorted({c.replace(CONCEPT_SUFFIX, "") for c in carried})
+            prompts, images = self.generate_set(bare)
             results["attribute_accuracy_on_concept_captions"] = attribute_accuracy(
-                [p for p in prompts for _ in range(per_prompt)], predicted
+                prompts, judge.predict(images)
             )
 
         test = ImageFolderDataset(self.config.test_data_dir or root / "test", samples.resolution)
@@ -332,34 +402,39 @@ class Auditor:
                 test.captions, judge.predict(test_images)
             ),
         }
-
         bases = [p for p in sorted(set(ordinary_prompts)) if CONCEPT_SUFFIX not in p][:8]
+        if bases:
+            results["concept_extraction"] = self.concept_extraction(root, bases, judge)
+        return results
+
+    def concept_extraction(self, root: Path, bases: list[str], judge) -> dict:
+        """How often the judge finds the concept in generations from prompts that name it,
+        paraphrase it, or carry a learned embedding of it, all built on the generic `bases`,
+        and from the bases alone (the base rate)."""
         attacks = {
             "naming_prompts": [b + CONCEPT_SUFFIX for b in bases],
             "paraphrases": [b + suffix for b in bases for suffix in CONCEPT_PARAPHRASES],
         }
-        per_prompt = max(1, self.config.num_images // 2)
-        rates = {}
-        for attack, prompts in attacks.items():
-            images = self.generate(prompts, per_prompt)
-            rates[attack] = float(np.mean(judge.predict(images)["concept"]))
+        rates = {attack: self.concept_rate(prompts, judge) for attack, prompts in attacks.items()}
         if self.config.inversion_steps > 0:
-            rates["learned_embedding"] = self.learned_embedding_rate(root, bases, judge, per_prompt)
-        generic = [i for i in ordinary if CONCEPT_SUFFIX not in samples.captions[i]]
-        if generic:
-            rates["generic_base_rate"] = float(
-                np.mean(judge.predict(generated[generic])["concept"])
-            )
-        strongest = max((k for k in rates if k != "generic_base_rate"), key=rates.get)
-        results["concept_extraction"] = {
+            rates["learned_embedding"] = self.learned_embedding_rate(root, bases, judge)
+        rates["generic_base_rate"] = self.concept_rate(bases, judge)
+        strongest = max(
+            (k for k in rates if k != "generic_base_rate"), key=lambda k: rates[k]["rate"]
+        )
+        return {
             "detector": "judge concept head",
             "rates": rates,
             "strongest_attack": strongest,
             "strongest_rate": rates[strongest],
         }
-        return results
 
-    def learned_embedding_rate(self, root: Path, bases: list[str], judge, per_prompt: int):
+    def concept_rate(self, prompts: list[str], judge) -> dict:
+        """How often the judge finds the concept in generations from `prompts`."""
+        _, images = self.generate_set(prompts)
+        return rate_of(judge.predict(images)["concept"])
+
+    def learned_embedding_rate(self, root: Path, bases: list[str], judge) -> dict:
         """Textual inversion on the held-out concept exemplars, then generation with it."""
         exemplars = ImageFolderDataset(root / "concept_exemplars", self.model.image_size)
         phrase = f", with {PLACEHOLDER}"
@@ -370,10 +445,10 @@ class Auditor:
         )
         c = self.config
         images = generate_with_embedding(
-            self.model, [b + phrase for b in bases], vector, per_prompt, c.seed,
+            self.model, [b + phrase for b in bases], vector, self.per_prompt(len(bases)), c.seed,
             c.scheduler, c.num_inference_steps, c.guidance_scale,
         )  # fmt: skip
-        return float(np.mean(judge.predict(images)["concept"]))
+        return rate_of(judge.predict(images)["concept"])
 
     def run(self) -> dict:
         start = time.perf_counter()
@@ -390,18 +465,12 @@ class Auditor:
         else:
             prompts = default_prompts(train, kinds, c.num_ordinary_prompts, c.seed)
 
-        samples = ImageFolderDataset(self.samples(prompts), self.model.image_size)
+        samples = ImageFolderDataset(self.samples(prompts, kinds), self.model.image_size)
         generated = images01(samples)
-        # one exact search of the distinct training images serves Gu's criterion and MQ
-        neighbors = nearest_distinct(
-            generated.flatten(1), train_images.flatten(1), MQ_K, distinct, backend=c.nn_backend
-        )
         replication = replication_summary(
             samples, train, generated, train_images, c.replication_threshold, c.nn_backend,
-            neighbors,
+            distinct,
         )  # fmt: skip
-        mq = mq_ratio(generated.flatten(1), train_images.flatten(1), MQ_K, neighbors)
-        replication["mq"] = {"k": MQ_K, "fraction_below": fractions_below(mq)}
 
         root = benchmark_root(c.train_data_dir)
         judge = None

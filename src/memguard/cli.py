@@ -31,6 +31,7 @@ from memguard.config import (
 from memguard.data.folder import DataError
 from memguard.defenses.registry import build_training
 from memguard.defenses.registry import flags as defense_flags
+from memguard.metrics.intervals import format_rate
 from memguard.train.step import TrainingError
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, TrainingError)
@@ -43,7 +44,8 @@ def _is_main_process() -> bool:
 def _add_flag(parser, name: str, annotation, default, help: str, choices=None) -> None:
     """One flag; its value stays a string here and is validated when the config is built."""
     kwargs: dict = {"default": argparse.SUPPRESS, "dest": name}
-    kwargs["help"] = help + ("" if default is None else f" (default: {default})")
+    text = help + ("" if default is None else f" (default: {default})")
+    kwargs["help"] = text.replace("%", "%%")  # argparse formats help with %
     if choices:
         kwargs["choices"] = choices
     if typing.get_origin(annotation) is tuple:
@@ -149,6 +151,31 @@ def cmd_sample(args: argparse.Namespace) -> None:
     _print(f"{len(images)} images for {len(prompts)} prompts written to {out} (grid: grid.png)")
 
 
+MQ_LABELS = {
+    "iet_mq": "IET's MQ (squared L2, every training row)",
+    "mq_distinct_l2": "MQ variant (plain L2, distinct images; not IET's)",
+}
+
+
+def replication_lines(replication: dict) -> list[str]:
+    """The replication section of results.json, as the audit's summary and `memguard
+    replication` print it."""
+    lines = []
+    for kind, figures in replication["by_prompt_kind"].items():
+        lines += [
+            f"  replication, {kind} prompts, {figures['generations']} generations:",
+            f"    replicas, copies merged: {format_rate(figures['replica_rate'])}",
+            f"    replicas over every row (Gu et al.'s code): "
+            f"{format_rate(figures['replica_rate_all_rows'])}",
+            f"    replicas of their own training image: {format_rate(figures['own_replica_rate'])}",
+        ]
+    for name, label in MQ_LABELS.items():
+        below = replication["mq"][name]["fraction_below"]
+        rates = " / ".join(format_rate(below[t]) for t in ("0.15", "0.3", "0.5"))
+        lines.append(f"  {label} below 0.15 / 0.3 / 0.5: {rates}")
+    return lines
+
+
 def cmd_replication(args: argparse.Namespace) -> None:
     from memguard.audit import images01, load_folders, replication_summary
 
@@ -162,44 +189,30 @@ def cmd_replication(args: argparse.Namespace) -> None:
     lines = [
         f"replication (Gu et al., d1/d2 < {summary['threshold']:.3f}, pixel space) of "
         f"{summary['overall']['generations']} generations against "
-        f"{summary['num_distinct_train_images']} distinct training images:"
+        f"{summary['num_distinct_train_images']} distinct training images "
+        f"({summary['num_train_images']} rows), rates with 95% intervals:",
+        *replication_lines(summary),
     ]
-    for kind, figures in summary["by_prompt_kind"].items():
-        lines.append(
-            f"  {kind:>10} prompts: {figures['generations']:4d} generations, "
-            f"replicas {figures['replica_rate']:.1%}, "
-            f"replicas of their own training image {figures['own_replica_rate']:.1%}"
-        )
     if args.output:
         lines.append(f"written to {args.output}")
     _print("\n".join(lines))
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
-
-
 def audit_summary(results: dict) -> str:
-    """The one-screen summary of an audit."""
-    replication = results["replication"]
-    lines = [f"audit of {results['model']} ({results['seconds']:.0f}s)"]
-    for kind, figures in replication["by_prompt_kind"].items():
-        lines.append(
-            f"  replication, {kind} prompts: {_percent(figures['replica_rate'])} of "
-            f"{figures['generations']} generations (own training image "
-            f"{_percent(figures['own_replica_rate'])})"
-        )
+    """The one-screen summary of an audit; rates with their 95% intervals."""
+    lines = [f"audit of {results['model']} ({results['seconds']:.0f}s), rates with 95% intervals"]
+    lines += replication_lines(results["replication"])
     detection = results["detection"]
     if "auc" in detection:
         lines.append(
             f"  memorized-prompt detection: AUC {detection['auc']:.3f}, "
-            f"TPR at 1% FPR {detection['tpr_at_1pct_fpr']:.1%}"
+            f"TPR at 1% FPR {detection['tpr_at_1pct_fpr']:.1%} (last ROC point with FPR < 1%)"
         )
     if results.get("similarity"):
         s = results["similarity"]
         lines.append(
             f"  similarity ({s['descriptor']}): mean {s['mean']:.3f}, p95 {s['p95']:.3f}, "
-            f"> 0.5: {s['above_0.5']:.1%}"
+            f"> 0.5: {format_rate(s['above_0.5'])}"
         )
     if "inception_quality" in results:
         quality = results["inception_quality"]
@@ -209,20 +222,25 @@ def audit_summary(results: dict) -> str:
         )
     benchmark = results.get("benchmark")
     if benchmark:
-        accuracy = ", ".join(
-            f"{k} {v:.1%}" for k, v in benchmark["judge"]["heldout_accuracy"].items()
-        )
-        quality = benchmark["quality"]
-        lines.append(f"  judge held-out accuracy: {accuracy}")
-        lines.append(
-            f"  quality: FID {quality['fid']:.3f}, KID {quality['kid_mean']:.4f} "
-            f"(judge features), attribute accuracy "
-            f"{_percent(benchmark.get('attribute_accuracy', {}).get('all'))}"
-        )
-        rates = benchmark["concept_extraction"]["rates"]
-        lines.append("  concept extraction: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
+        lines += benchmark_lines(benchmark)
     lines += [f"  WARNING: {w}" for w in results["warnings"]]
     return "\n".join(lines)
+
+
+def benchmark_lines(benchmark: dict) -> list[str]:
+    """The benchmark section of results.json, as the audit's summary prints it."""
+    accuracy = ", ".join(f"{k} {v:.1%}" for k, v in benchmark["judge"]["heldout_accuracy"].items())
+    quality = benchmark["quality"]
+    lines = [
+        f"  judge held-out accuracy: {accuracy}",
+        f"  quality: FID {quality['fid']:.3f}, KID {quality['kid_mean']:.4f} (judge features), "
+        f"attribute accuracy {format_rate(benchmark.get('attribute_accuracy', {}).get('all'))}",
+    ]
+    if "concept_extraction" in benchmark:
+        rates = benchmark["concept_extraction"]["rates"]
+        lines.append("  concept extraction:")
+        lines += [f"    {k.replace('_', ' ')}: {format_rate(v)}" for k, v in rates.items()]
+    return lines
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -256,8 +274,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
     out = render_comparison(runs, args.output)
     table = comparison_table(runs)
     width = max(len(m) for m in table)
-    lines = [" " * width + "".join(f"  {n:>14}" for n in names)]
-    lines += [m.ljust(width) + "".join(f"  {v:>14}" for v in vs) for m, vs in table.items()]
+    columns = [max(len(n), *(len(vs[i]) for vs in table.values())) for i, n in enumerate(names)]
+    lines = [" " * width + "".join(f"  {n:>{c}}" for n, c in zip(names, columns, strict=True))]
+    lines += [
+        m.ljust(width) + "".join(f"  {v:>{c}}" for v, c in zip(vs, columns, strict=True))
+        for m, vs in table.items()
+    ]
     _print("\n".join(lines) + f"\ncomparison: {out}")
 
 

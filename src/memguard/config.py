@@ -326,7 +326,16 @@ class AuditConfig:
         None, "file of prompts, one per line (default: duplicated + sampled ordinary captions)"
     )
     samples_dir: str | None = option(None, "measure these existing generations instead of sampling")
-    num_images: int = option(4, "generations per prompt")
+    num_images: int | None = option(
+        None,
+        "generations per prompt in every part of the audit (default: enough for "
+        "min_generations_per_rate)",
+    )
+    min_generations_per_rate: int = option(
+        100,
+        "generations behind every reported rate: each prompt of a set of P prompts is sampled "
+        "ceil(this / P) times (>= 97 puts the 95% Wilson interval within 10 points of the rate)",
+    )
     num_ordinary_prompts: int = option(20, "ordinary training captions sampled by default")
     seed: int = option(0, "seed of prompt sampling and generation")
     scheduler: str = option("dpm", "sampler", choices=("dpm", "ddim"))
@@ -362,7 +371,8 @@ class AuditConfig:
     def __post_init__(self) -> None:
         _require(self.model is not None, "model: required")
         _require(self.train_data_dir is not None, "train_data_dir: required")
-        _require(self.num_images > 0, "num_images: must be positive")
+        _require(self.num_images is None or self.num_images > 0, "num_images: must be positive")
+        _require(self.min_generations_per_rate > 0, "min_generations_per_rate: must be positive")
         _require(0 < self.replication_threshold < 1, "replication_threshold: must be in (0, 1)")
         _require(self.detection_seeds > 0, "detection_seeds: must be positive")
         _require(self.detection_steps >= 0, "detection_steps: must be >= 0")

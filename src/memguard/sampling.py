@@ -10,7 +10,7 @@ audit reads, plus a grid for people.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,11 +91,19 @@ def denoise(
     return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
+def images_per_prompt(num_images: int | Sequence[int], num_prompts: int) -> list[int]:
+    """One count per prompt: `num_images` for every prompt, or the counts given."""
+    counts = [num_images] * num_prompts if isinstance(num_images, int) else list(num_images)
+    if len(counts) != num_prompts:
+        raise ValueError(f"{len(counts)} image counts for {num_prompts} prompts")
+    return counts
+
+
 @torch.no_grad()
 def generate(
     model: DiffusionModel,
     prompts: list[str] | torch.Tensor,  # P prompts, or their text states (P, L, d)
-    num_images: int,
+    num_images: int | Sequence[int],
     seed: int,
     sampler: str = "dpm",
     num_inference_steps: int = 50,
@@ -103,12 +111,14 @@ def generate(
     batch_size: int = 64,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Images (P * num_images, 3, H, W) in [0, 1], prompt-major; `prompts` may be text states
-    already computed (a learned embedding, say)."""
+    """Images (sum of the per-prompt counts, 3, H, W) in [0, 1], prompt-major; `num_images`:
+    per prompt, or one count for each prompt; `prompts` may be text states already computed
+    (a learned embedding, say)."""
     cond = model.encoder.encode(prompts) if isinstance(prompts, list) else prompts
     uncond = model.encoder.encode([""])[0]
-    noise = initial_noise(model.sample_shape, seed, num_images)
-    jobs = [(p, j) for p in range(len(cond)) for j in range(num_images)]
+    counts = images_per_prompt(num_images, len(cond))
+    noise = initial_noise(model.sample_shape, seed, max(counts))
+    jobs = [(p, j) for p in range(len(cond)) for j in range(counts[p])]
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="sample"):
         chunk = jobs[start : start + batch_size]
@@ -143,20 +153,29 @@ def grid(images: torch.Tensor, columns: int, cell: int = 64) -> Image.Image:
 
 
 def save_samples(
-    images: torch.Tensor, prompts: list[str], num_images: int, seed: int, output_dir: str | Path
+    images: torch.Tensor,
+    prompts: list[str],
+    num_images: int | Sequence[int],
+    seed: int,
+    output_dir: str | Path,
 ) -> Path:
-    """Write PNGs, `metadata.jsonl` (file_name, text, seed, image_index) and `grid.png`."""
+    """Write PNGs, `metadata.jsonl` (file_name, text, seed, image_index) and `grid.png` (a row
+    per prompt); `num_images`: per prompt, or one count for each prompt, as generated."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    counts = images_per_prompt(num_images, len(prompts))
+    places = [(p, j) for p, count in enumerate(counts) for j in range(count)]
+    columns = max(counts)
+    sheet = torch.ones(len(prompts) * columns, *images.shape[1:])  # white where a row is short
     rows = []
-    for i, image in enumerate(images):
-        p, j = divmod(i, num_images)
+    for image, (p, j) in zip(images, places, strict=True):
         file_name = f"{p:04d}_{j:02d}.png"
         to_pil(image).save(output_dir / file_name)
+        sheet[p * columns + j] = image
         rows.append(
             {"file_name": file_name, "text": prompts[p], "seed": seed + j, "image_index": j}
         )
     with atomic_path(output_dir / "metadata.jsonl") as partial:
         partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    grid(images, columns=num_images).save(output_dir / "grid.png")
+    grid(sheet, columns=columns).save(output_dir / "grid.png")
     return output_dir

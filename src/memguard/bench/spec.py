@@ -94,21 +94,27 @@ class Figure:
 
 
 DEFAULT_FIGURES = (
-    Figure("replication.by_prompt_kind.duplicated.replica_rate", "duplicates replicated", ".1%"),
-    Figure("replication.by_prompt_kind.ordinary.replica_rate", "ordinary replicated", ".1%"),
+    Figure(
+        "replication.by_prompt_kind.duplicated.replica_rate.rate", "duplicates replicated", ".1%"
+    ),
+    Figure("replication.by_prompt_kind.ordinary.replica_rate.rate", "ordinary replicated", ".1%"),
     Figure("detection.auc", "detection AUC", ".3f"),
     Figure("benchmark.quality.fid", "FID (judge)", ".2f"),
     Figure("benchmark.quality.kid_mean", "KID (judge)", ".4f"),
-    Figure("benchmark.attribute_accuracy.all", "attribute accuracy", ".1%"),
+    Figure("benchmark.attribute_accuracy.all.rate", "attribute accuracy", ".1%"),
     Figure(
-        "benchmark.attribute_accuracy_on_concept_captions.all",
+        "benchmark.attribute_accuracy_on_concept_captions.all.rate",
         "attribute accuracy, concept captions",
         ".1%",
     ),
-    Figure("benchmark.concept_extraction.rates.naming_prompts", "extraction: naming", ".1%"),
-    Figure("benchmark.concept_extraction.rates.paraphrases", "extraction: paraphrases", ".1%"),
-    Figure("benchmark.concept_extraction.rates.learned_embedding", "extraction: embedding", ".1%"),
-    Figure("benchmark.concept_extraction.rates.generic_base_rate", "extraction: generic", ".1%"),
+    Figure("benchmark.concept_extraction.rates.naming_prompts.rate", "extraction: naming", ".1%"),
+    Figure("benchmark.concept_extraction.rates.paraphrases.rate", "extraction: paraphrases", ".1%"),
+    Figure(
+        "benchmark.concept_extraction.rates.learned_embedding.rate", "extraction: embedding", ".1%"
+    ),
+    Figure(
+        "benchmark.concept_extraction.rates.generic_base_rate.rate", "extraction: generic", ".1%"
+    ),
     Figure("train_seconds", "train seconds", ".0f"),
 )
 

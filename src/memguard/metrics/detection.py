@@ -3,9 +3,17 @@ Memorization in Diffusion Models", ICLR 2024), and the ROC figures that score it
 
 For a prompt p, d(p) = mean over sampling steps t of ||eps(x_t, t, E(p)) - eps(x_t, t, E(""))||,
 the magnitude of the text-conditional part of the noise prediction along the (guided) sampling
-trajectory, averaged over a few seeds. Memorized prompts pull the trajectory hard toward their
+trajectory, averaged over a few starts. Memorized prompts pull the trajectory hard toward their
 training image, so d is large. `steps` limits the average to the first k steps (Wen et al. find
 the first step alone already separates well).
+
+Starts: memguard draws the same S starting noises (seeds 0 .. S-1) for every prompt, so prompts
+are compared from the same points (a paired comparison); Wen et al.'s detection draws each
+prompt's starts with seeds of its own. The two agree in expectation, not run by run.
+
+TPR at 1% FPR follows Wen et al.'s evaluation: the true-positive rate of the last point of the
+ROC curve (scikit-learn's `roc_curve`, corners only) whose false-positive rate is strictly below
+0.01.
 """
 
 from __future__ import annotations
@@ -79,17 +87,30 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((greater + 0.5 * ties) / (len(positives) * len(negatives)))
 
 
-def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, max_fpr: float = 0.01) -> float:
-    """The highest true-positive rate of any threshold whose false-positive rate <= max_fpr.
-
-    Thresholds are the distinct scores (predict positive when score >= threshold), as in
-    scikit-learn's roc_curve.
+def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of the ROC curve as scikit-learn's `roc_curve` returns it by default: (0, 0),
+    then one point per distinct score from the highest (predict positive when score >= it),
+    keeping only the corners (a point on the straight line between its neighbours is left out).
     """
     scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
-    best = 0.0
-    for threshold in np.unique(scores):
-        predicted = scores >= threshold
-        fpr = (predicted & ~labels).sum() / max(1, (~labels).sum())
-        if fpr <= max_fpr:
-            best = max(best, (predicted & labels).sum() / max(1, labels.sum()))
-    return float(best)
+    if labels.all() or not labels.any():
+        raise ValueError("a ROC curve needs at least one positive and one negative")
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # end of each distinct score
+    tps = np.cumsum(labels)[last]
+    fps = last + 1 - tps
+    if len(tps) > 2:
+        corner = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+        tps, fps = tps[corner], fps[corner]
+    tps, fps = np.r_[0, tps], np.r_[0, fps]
+    return fps / fps[-1], tps / tps[-1]
+
+
+def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, max_fpr: float = 0.01) -> float:
+    """The true-positive rate of the last ROC point (`roc_points`) whose false-positive rate is
+    strictly below `max_fpr`, as Wen et al.'s evaluation reads TPR at 1% FPR."""
+    if max_fpr <= 0:
+        raise ValueError("max_fpr must be positive: no ROC point has a negative FPR")
+    fpr, tpr = roc_points(scores, labels)
+    return float(tpr[np.flatnonzero(fpr < max_fpr)[-1]])

@@ -1,6 +1,7 @@
 """Quality beside memorization, so that no defense wins by breaking the model: FID (Heusel et
 al., 2017) and KID (Binkowski et al., 2018) through torchmetrics, on a pluggable feature
-extractor (the judge's features on the benchmark), and attribute accuracy of generations.
+extractor (the judge's features on the benchmark), and attribute accuracy of generations (a
+rate with its Wilson interval).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+
+from memguard.metrics.intervals import rate_of
 
 _ORDINARY_CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background")
 
@@ -58,9 +61,10 @@ def caption_attributes(caption: str) -> dict[str, str] | None:
     return {"color": color, "shape": shape, "background": background}
 
 
-def attribute_accuracy(prompts: list[str], predicted: dict[str, list]) -> dict[str, float | int]:
-    """Fraction of generations whose judged shape / colour / background (and all three) match
-    their prompt's; prompts that name no attributes are left out."""
+def attribute_accuracy(prompts: list[str], predicted: dict[str, list]) -> dict[str, dict]:
+    """Per attribute (shape, colour, background, and all three at once): the rate
+    (`memguard.metrics.intervals.binomial_rate`) of generations whose judged value matches their
+    prompt's. Prompts that name no attributes are left out; none at all gives {}."""
     hits: dict[str, list[bool]] = {"shape": [], "color": [], "background": [], "all": []}
     for i, prompt in enumerate(prompts):
         asked = caption_attributes(prompt)
@@ -70,8 +74,4 @@ def attribute_accuracy(prompts: list[str], predicted: dict[str, list]) -> dict[s
         for name, match in zip(asked, matches, strict=True):
             hits[name].append(match)
         hits["all"].append(all(matches))
-    result: dict[str, float | int] = {
-        name: sum(values) / len(values) for name, values in hits.items() if values
-    }
-    result["generations"] = len(hits["all"])
-    return result
+    return {name: rate_of(values) for name, values in hits.items() if values}

@@ -2,8 +2,9 @@
 
 The page holds a summary table, a gallery of the most replicated generations beside their
 nearest training images (read from the folders that results.json names), histograms of the
-Gu ratio and the MQ curve, and concept-extraction bars. Plots are matplotlib PNGs and images
-are inlined as base64, so the file opens anywhere with no network.
+Gu ratio, the MQ curves (IET's and memguard's variant) and concept-extraction bars; every rate
+with its 95% interval. Plots are matplotlib PNGs and images are inlined as base64, so the file
+opens anywhere with no network.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from memguard.metrics.intervals import format_rate  # noqa: E402
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -44,39 +47,60 @@ def _image(path: Path) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _percent(value) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
+Row = tuple[str, str, dict | None]  # measure, value as text, the rate behind it (if one)
 
 
-def summary_rows(results: dict) -> list[tuple[str, str]]:
-    """(measure, value) pairs: the page's table and the comparison's rows."""
+def _rate_row(measure: str, rate: dict | None) -> Row:
+    return measure, format_rate(rate), rate
+
+
+def summary_rows(results: dict) -> list[Row]:
+    """(measure, value, rate) rows: the page's table and the comparison's; every rate written
+    with its 95% interval."""
+    replication = results["replication"]
     rows = []
-    for kind, figures in results["replication"]["by_prompt_kind"].items():
-        rows.append((f"replication, {kind} prompts", _percent(figures["replica_rate"])))
+    for kind, figures in replication["by_prompt_kind"].items():
+        rows.append(_rate_row(f"replication, {kind} prompts", figures["replica_rate"]))
+        rows.append(
+            _rate_row(
+                f"replication, {kind} prompts, every row (Gu et al.'s code)",
+                figures["replica_rate_all_rows"],
+            )
+        )
+    for name, label in (("iet_mq", "IET's MQ"), ("mq_distinct_l2", "MQ variant, distinct L2")):
+        rows.append(_rate_row(f"{label} < 0.15", replication["mq"][name]["fraction_below"]["0.15"]))
     detection = results.get("detection", {})
     if "auc" in detection:
-        rows.append(("memorized-prompt detection AUC", f"{detection['auc']:.3f}"))
+        rows.append(("memorized-prompt detection AUC", f"{detection['auc']:.3f}", None))
     if results.get("similarity"):
-        rows.append(
-            ("similarity to nearest training image, mean", f"{results['similarity']['mean']:.3f}")
-        )
+        mean = f"{results['similarity']['mean']:.3f}"
+        rows.append(("similarity to nearest training image, mean", mean, None))
     if "inception_quality" in results:
         quality = results["inception_quality"]
-        rows.append(("FID (Inception features)", f"{quality['fid']:.3f}"))
-        rows.append(("KID (Inception features)", f"{quality['kid_mean']:.4f}"))
+        rows.append(("FID (Inception features)", f"{quality['fid']:.3f}", None))
+        rows.append(("KID (Inception features)", f"{quality['kid_mean']:.4f}", None))
     benchmark = results.get("benchmark")
     if benchmark:
-        rows.append(("FID (judge features)", f"{benchmark['quality']['fid']:.3f}"))
-        rows.append(("KID (judge features)", f"{benchmark['quality']['kid_mean']:.4f}"))
-        attributes = benchmark.get("attribute_accuracy", {})
-        rows.append(("attribute accuracy, ordinary prompts", _percent(attributes.get("all"))))
-        carried = benchmark.get("attribute_accuracy_on_concept_captions", {})
-        rows.append(("attribute accuracy, concept images' captions", _percent(carried.get("all"))))
-        for attack, rate in benchmark["concept_extraction"]["rates"].items():
-            rows.append((f"concept extraction, {attack.replace('_', ' ')}", _percent(rate)))
+        rows += _benchmark_rows(benchmark)
     for name, report in (results.get("model_training", {}).get("defenses") or {}).items():
         if report.get("leak") is not None:
-            rows.append((f"{name}: leak certificate", f"{report['leak']:.2e}"))
+            rows.append((f"{name}: leak certificate", f"{report['leak']:.2e}", None))
+    return rows
+
+
+def _benchmark_rows(benchmark: dict) -> list[Row]:
+    rows = [
+        ("FID (judge features)", f"{benchmark['quality']['fid']:.3f}", None),
+        ("KID (judge features)", f"{benchmark['quality']['kid_mean']:.4f}", None),
+    ]
+    for key, measure in (
+        ("attribute_accuracy", "attribute accuracy, ordinary prompts"),
+        ("attribute_accuracy_on_concept_captions", "attribute accuracy, concept images' captions"),
+    ):
+        rows.append(_rate_row(measure, benchmark.get(key, {}).get("all")))
+    rates = benchmark.get("concept_extraction", {}).get("rates", {})
+    for attack, rate in rates.items():
+        rows.append(_rate_row(f"concept extraction, {attack.replace('_', ' ')}", rate))
     return rows
 
 
@@ -104,6 +128,13 @@ def _gallery(results: dict, count: int = 12) -> str:
     return "".join(cells)
 
 
+def _bars(rates: list[dict]) -> tuple[list[float], list[list[float]]]:
+    """Heights and (below, above) error-bar lengths of rates, from their 95% intervals."""
+    heights = [r["rate"] for r in rates]
+    errors = [[r["rate"] - r["ci95"][0] for r in rates], [r["ci95"][1] - r["rate"] for r in rates]]
+    return heights, errors
+
+
 def _plots(results: dict) -> str:
     plots = []
     figure, axis = plt.subplots(figsize=(5, 3))
@@ -118,17 +149,24 @@ def _plots(results: dict) -> str:
     plots.append(_png(figure))
 
     figure, axis = plt.subplots(figsize=(5, 3))
-    fractions = results["replication"]["mq"]["fraction_below"]
-    axis.plot([float(t) for t in fractions], list(fractions.values()), marker="o")
-    axis.set(xlabel="threshold", ylabel="fraction below", title="IET MQ: d1 / mean(d1..d50)")
+    for name, label in (
+        ("iet_mq", "IET: d1² / mean(d1²..dk²), every row"),
+        ("mq_distinct_l2", "variant: d1 / mean(d1..dk), distinct"),
+    ):
+        fractions = results["replication"]["mq"][name]["fraction_below"]
+        thresholds = [float(t) for t in fractions]
+        axis.errorbar(thresholds, *_bars(list(fractions.values())), marker="o", label=label)
+    axis.set(xlabel="threshold", ylabel="fraction below", title="MQ, with 95% intervals")
+    axis.legend(fontsize=7)
     plots.append(_png(figure))
 
-    benchmark = results.get("benchmark")
-    if benchmark:
-        rates = benchmark["concept_extraction"]["rates"]
+    rates = (results.get("benchmark") or {}).get("concept_extraction", {}).get("rates")
+    if rates:
         figure, axis = plt.subplots(figsize=(5, 3))
-        axis.bar([k.replace("_", "\n") for k in rates], list(rates.values()), color="#c55")
-        axis.set(ylim=(0, 1), ylabel="detector fires", title="concept extraction")
+        labels = [k.replace("_", "\n") for k in rates]
+        heights, errors = _bars(list(rates.values()))
+        axis.bar(labels, heights, yerr=errors, capsize=3, color="#c55")
+        axis.set(ylim=(0, 1), ylabel="detector fires", title="concept extraction (95% intervals)")
         plots.append(_png(figure))
     return "".join(f'<img src="data:image/png;base64,{p}">' for p in plots)
 
@@ -136,6 +174,7 @@ def _plots(results: dict) -> str:
 def render_report(results: dict, output: str | Path) -> Path:
     """Write the audit page for `results` to `output` (an .html file)."""
     output = Path(output)
+    summary = [[measure, value] for measure, value, _ in summary_rows(results)]
     warnings = "".join(
         f'<p class="warn">WARNING: {html.escape(w)}</p>' for w in results["warnings"]
     )
@@ -146,7 +185,7 @@ def render_report(results: dict, output: str | Path) -> Path:
 training data: <code>{html.escape(results["train_data"]["path"])}</code>
 ({results["train_data"]["num_images"]} images, sha256 {results["train_data"]["sha256"][:12]})</p>
 {warnings}
-<h2>Summary</h2>{_table(["measure", "value"], [list(r) for r in summary_rows(results)])}
+<h2>Summary</h2>{_table(["measure", "value [95% interval]"], summary)}
 <h2>Most replicated generations (left) and their nearest training images (right)</h2>
 {_gallery(results)}
 <h2>Distributions</h2><div class="plots">{_plots(results)}</div>
@@ -159,25 +198,39 @@ def comparison_table(runs: dict[str, dict]) -> dict[str, list[str]]:
     """{measure: [value of each run]} over the union of the runs' summary rows."""
     table: dict[str, list[str]] = {}
     for column, results in enumerate(runs.values()):
-        for measure, value in summary_rows(results):
+        for measure, value, _ in summary_rows(results):
             table.setdefault(measure, [""] * len(runs))[column] = value
     return table
 
 
+def _comparison_rates(runs: dict[str, dict]) -> dict[str, list[dict]]:
+    """{measure: [rate of each run]} for the rates every run reports."""
+    rates: dict[str, list[dict]] = {}
+    for results in runs.values():
+        for measure, _, rate in summary_rows(results):
+            if rate is not None:
+                rates.setdefault(measure, []).append(rate)
+    return {m: r for m, r in rates.items() if len(r) == len(runs)}
+
+
 def render_comparison(runs: dict[str, dict], output: str | Path) -> Path:
-    """A table and a bar plot of several audits side by side (e.g. plain vs defended)."""
+    """A table and a bar plot (rates with 95% intervals) of several audits side by side (e.g.
+    plain vs defended)."""
     output = Path(output)
     names = list(runs)
     table = comparison_table(runs)
-    figure, axis = plt.subplots(figsize=(7, 3))
-    measures = [m for m in table if all(v.endswith("%") for v in table[m])]
-    width = 0.8 / max(1, len(names))
+    rates = _comparison_rates(runs)
+    measures = list(rates)
+    figure, axis = plt.subplots(figsize=(8, 1 + 0.3 * len(measures) * len(names)))
+    height = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        values = [float(table[m][i].rstrip("%")) / 100 for m in measures]
-        axis.bar([j + i * width for j in range(len(measures))], values, width, label=name)
-    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(measures))])
-    axis.set_xticklabels([m.replace(", ", "\n") for m in measures], fontsize=7)
-    axis.set(ylim=(0, 1), title="rates")
+        widths, errors = _bars([rates[m][i] for m in measures])
+        positions = [j + i * height for j in range(len(measures))]
+        axis.barh(positions, widths, height, xerr=errors, capsize=2, label=name)
+    axis.set_yticks([j + 0.4 - height / 2 for j in range(len(measures))])
+    axis.set_yticklabels(measures, fontsize=7)
+    axis.invert_yaxis()  # in the table's order
+    axis.set(xlim=(0, 1), title="rates, with 95% intervals")
     axis.legend()
     rows = [[measure, *values] for measure, values in table.items()]
     page = f"""<!doctype html><html><head><meta charset="utf-8">
