@@ -18,9 +18,10 @@ from memguard import Trainer, cli
 from memguard.audit import run_audit
 from memguard.config import AuditConfig
 from memguard.data.shapes import CONCEPT_SUFFIX
+from memguard.io import write_json
 from memguard.metrics.intervals import generations_per_prompt, wilson_interval
 from memguard.metrics.judge import JudgeSpec
-from memguard.models import build_unet
+from memguard.models import build_unet, noise_scheduler
 
 TINY_JUDGE = JudgeSpec(image_size=8, num_train=1000, num_heldout=200, steps=150, batch_size=64)
 
@@ -176,6 +177,8 @@ def test_existing_samples_are_measured_not_regenerated(audited, shapes_dir, tmp_
 def test_a_unet_saved_by_plain_diffusers(shapes_dir: Path, tmp_path: Path, capsys) -> None:
     torch.manual_seed(0)
     build_unet("tiny", 8, cross_attention_dim=384).save_pretrained(tmp_path / "unet")
+    noise_scheduler(1000, "squaredcos_cap_v2").save_pretrained(tmp_path / "unet")
+    write_json(tmp_path / "unet" / "memguard.json", {"text_encoder": {"name": "minilm"}})
     results = _audit(tmp_path / "unet", shapes_dir, tmp_path / "audit")
     assert results["model_training"] == {
         "config": None,

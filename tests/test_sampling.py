@@ -12,7 +12,6 @@ from helpers import tiny_config
 from memguard import Trainer
 from memguard.data.folder import ImageFolderDataset
 from memguard.io import load_model
-from memguard.models import build_unet
 from memguard.sampling import generate, save_samples
 
 
@@ -57,14 +56,6 @@ def test_saved_samples_are_an_image_folder(model_dir: Path, tmp_path: Path) -> N
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in rows] == [0, 1, 2, 0, 1, 2]
     assert (tmp_path / "grid.png").is_file()
-
-
-def test_a_unet_saved_by_plain_diffusers_loads(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    build_unet("tiny", 8, cross_attention_dim=384).save_pretrained(tmp_path)
-    model = load_model(tmp_path)
-    assert model.metadata == {} and model.encoder.spec()["name"] == "minilm"
-    assert _generate(model, 0).shape == (6, 3, 8, 8)
 
 
 def test_a_count_per_prompt(model_dir: Path, tmp_path: Path) -> None:

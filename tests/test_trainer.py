@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from helpers import cli_flags, tiny_config, train_on_two_processes
 from memguard import Defense, Trainer, TrainingError
+from memguard.config import ConfigError
 from memguard.data.folder import DataError, fingerprint, read_metadata
 from memguard.train.checkpoint import checkpoint_dirs
 
@@ -223,3 +224,63 @@ def test_bf16_mixed_precision_trains_and_saves_float32(shapes_dir: Path, tmp_pat
     Trainer(tiny_config(shapes_dir / "train", tmp_path / "fp32")).train()
     with pytest.raises(AssertionError):  # autocast really changed the arithmetic
         assert_same_weights(tmp_path / "bf16", tmp_path / "fp32")
+
+
+class WeightProbe(Defense):
+    """Reports a sum of the weights it finds at the end of training."""
+
+    name = "probe"
+
+    def setup(self, model, optimizer, ctx):
+        self.weight = model.conv_in.weight
+
+    def report(self):
+        return {"conv_in_sum": float(self.weight.detach().double().sum())}
+
+
+def test_defenses_report_on_the_saved_weights(shapes_dir: Path, tmp_path: Path) -> None:
+    """With EMA, the saved model is the EMA average: reports (a leak certificate, say) describe
+    it, not the last raw weights."""
+    config = tiny_config(shapes_dir / "train", tmp_path / "ema", use_ema=True, ema_decay=0.5)
+    Trainer(config, [WeightProbe()]).train()
+    (record,) = json.loads((tmp_path / "ema" / "memguard.json").read_text())["defenses"]
+    saved = float(weights(tmp_path / "ema")["conv_in.weight"].double().sum())
+    assert record["report"]["conv_in_sum"] == pytest.approx(saved, rel=0, abs=1e-9)
+
+
+class WeightDecayLoss(Defense):
+    """An extra loss: strength * sum of squared weights (a regulariser)."""
+
+    name = "l2"
+
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+
+    def extra_loss(self, model, batch, ctx):
+        return self.strength * sum(p.square().sum() for p in model.parameters())
+
+
+def test_an_extra_loss_is_added_before_backward(shapes_dir: Path, tmp_path: Path) -> None:
+    Trainer(tiny_config(shapes_dir / "train", tmp_path / "plain")).train()
+    Trainer(tiny_config(shapes_dir / "train", tmp_path / "zero"), [WeightDecayLoss(0.0)]).train()
+    assert_same_weights(tmp_path / "plain", tmp_path / "zero")
+    Trainer(tiny_config(shapes_dir / "train", tmp_path / "l2"), [WeightDecayLoss(1.0)]).train()
+    plain, l2 = weights(tmp_path / "plain"), weights(tmp_path / "l2")
+    norm = sum(float(w.square().sum()) for w in plain.values())
+    assert sum(float(w.square().sum()) for w in l2.values()) < norm  # pulled towards zero
+
+
+def test_a_checkpoint_holds_each_units_state_and_its_index(shapes_dir, tmp_path) -> None:
+    Trainer(tiny_config(shapes_dir / "train", tmp_path / "out", checkpointing_steps=3)).train()
+    latest = checkpoint_dirs(tmp_path / "out")[-1]
+    assert sorted(p.name for p in latest.iterdir()) == ["checkpoint.json", "model.pt"]
+    index = json.loads((latest / "checkpoint.json").read_text())
+    assert index["step"] == 6 and index["units"] == ["model"] and index["train_seconds"] > 0
+    (tmp_path / "out" / "checkpoints" / "checkpoint-9.partial").mkdir()  # a killed save
+    (tmp_path / "out" / "checkpoints" / "checkpoint-12").mkdir()  # no index: incomplete
+    assert checkpoint_dirs(tmp_path / "out")[-1] == latest
+
+
+def test_a_defense_named_twice_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"defense: \['agc', 'agc'\] names a defense twice"):
+        tiny_config(tmp_path, tmp_path, defense=("agc", "agc"))

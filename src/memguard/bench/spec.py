@@ -40,6 +40,7 @@ from memguard.config import (
 from memguard.data.shapes import Row
 from memguard.defenses.base import Defense
 from memguard.defenses.registry import build_training
+from memguard.defenses.registry import flags as defense_flags
 from memguard.metrics.judge import JudgeSpec
 
 ARM_KEYS = ("drop_where",)
@@ -218,8 +219,9 @@ def _refuse_harness_keys(section: str, values: Mapping[str, Any], where: str) ->
 
 
 def _train_settings(values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """`values` if every key is a TrainConfig key the harness leaves to the spec."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    """`values` if every key is a `memguard train` setting (a TrainConfig key or a defense's
+    flag) the harness leaves to the spec."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(defense_flags())
     for key in values:
         if key not in known:
             raise ConfigError(
