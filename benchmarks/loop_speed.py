@@ -12,7 +12,7 @@ ratio are written: best of each, and the median over repeats of the ratio of adj
 (robust to the machine's load drifting during the benchmark).
 
     python benchmarks/loop_speed.py --output runs/loop_speed.json
-    python benchmarks/loop_speed.py --defense projection --concept "the acme logo" \
+    python benchmarks/loop_speed.py --defense projection --set concept="the acme logo" \
         --output runs/loop_speed_projection.json
 """
 
@@ -23,7 +23,6 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from memguard.config import ShapesConfig, TrainConfig
 from memguard.data.folder import ImageFolderDataset
 from memguard.data.shapes import make_shapes_dataset
 from memguard.data.text import CaptionEmbeddings, MiniLMEncoder
-from memguard.defenses import build_defenses
+from memguard.defenses.registry import build_training
 from memguard.models import build_unet, noise_scheduler
 from memguard.train.trainer import Trainer
 
@@ -45,8 +44,10 @@ def bare_loop(data_dir: Path, config: TrainConfig) -> float:
     embeddings = CaptionEmbeddings(MiniLMEncoder(config.max_text_length), dataset.captions)
     states = embeddings.table[embeddings.rows(dataset.captions)]  # (N, L, d)
     torch.manual_seed(config.seed)
-    unet = build_unet(config.model_preset, config.resolution, MiniLMEncoder.hidden_size)
-    scheduler = noise_scheduler(config.num_train_timesteps, config.beta_schedule)
+    unet = build_unet(config.scratch("model_preset"), config.resolution, MiniLMEncoder.hidden_size)
+    scheduler = noise_scheduler(
+        config.scratch("num_train_timesteps"), config.scratch("beta_schedule")
+    )
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay
     )
@@ -55,7 +56,7 @@ def bare_loop(data_dir: Path, config: TrainConfig) -> float:
     for _ in range(config.max_train_steps):
         index = torch.randint(0, len(images), (config.train_batch_size,))
         x0, noise = images[index], torch.randn_like(images[index])
-        timesteps = torch.randint(0, config.num_train_timesteps, (len(index),))
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),))
         noisy = scheduler.add_noise(x0, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=states[index]).sample
         loss = F.mse_loss(prediction, noise)
@@ -65,8 +66,9 @@ def bare_loop(data_dir: Path, config: TrainConfig) -> float:
     return time.perf_counter() - start
 
 
-def our_loop(config: TrainConfig) -> float:
-    result = Trainer(config, build_defenses(config)).train()
+def our_loop(settings: dict) -> float:
+    config, defenses = build_training(settings, source="loop_speed")
+    result = Trainer(config, defenses).train()
     assert result.steps_run == config.max_train_steps
     return result.loop_seconds
 
@@ -78,7 +80,10 @@ def main() -> None:
     parser.add_argument("--preset", default="bench")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--defense", help="also time memguard's loop with this defense")
-    parser.add_argument("--concept", action="append", default=[], help="for --defense projection")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a setting of the defense (repeatable), e.g. concept='the acme logo'",
+    )  # fmt: skip
     parser.add_argument("--output", default="runs/loop_speed.json")
     args = parser.parse_args()
 
@@ -86,27 +91,29 @@ def main() -> None:
         root = make_shapes_dataset(ShapesConfig(output_dir=f"{tmp}/data"))
         runs = []
         for repeat in range(args.repeats):
-            config = TrainConfig(
-                train_data_dir=str(root / "train"),
-                output_dir=f"{tmp}/ours-{repeat}",
-                model_preset=args.preset,
-                train_batch_size=args.batch_size,
-                max_train_steps=args.steps,
-                lr_warmup_steps=0,
-                max_grad_norm=0.0,
-                checkpointing_steps=10**9,
-            )
+            settings = {
+                "train_data_dir": str(root / "train"),
+                "output_dir": f"{tmp}/ours-{repeat}",
+                "model_preset": args.preset,
+                "train_batch_size": args.batch_size,
+                "max_train_steps": args.steps,
+                "lr_warmup_steps": 0,
+                "max_grad_norm": 0.0,
+                "checkpointing_steps": 10**9,
+            }
             run = {
-                "bare_seconds": bare_loop(root / "train", config),
-                "ours_seconds": our_loop(config),
+                "bare_seconds": bare_loop(root / "train", TrainConfig(**settings)),
+                "ours_seconds": our_loop(settings),
             }
             if args.defense:
-                defended = replace(
-                    config,
-                    output_dir=f"{tmp}/defended-{repeat}",
-                    defense=(args.defense,),
-                    concept=tuple(args.concept),
-                )
+                defended = settings | {
+                    "output_dir": f"{tmp}/defended-{repeat}",
+                    "defense": [args.defense],
+                }
+                for item in args.set:
+                    key, value = item.split("=", 1)
+                    repeated = key == "concept"  # a flag that may be given several times
+                    defended[key] = [*defended.get(key, []), value] if repeated else value
                 run["defended_seconds"] = our_loop(defended)
             runs.append(run)
             print(f"repeat {repeat}: " + json.dumps(run), flush=True)
