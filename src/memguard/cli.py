@@ -287,10 +287,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from memguard.bench import load_spec, run_bench
 
     spec = load_spec(args.spec).select(args.arms, args.seeds, args.data_seed)
-    bench = run_bench(spec, args.output_dir, args.device)
+    bench = run_bench(spec, args.output_dir, args.device, audit=not args.no_audit)
     runs, outputs = bench["runs"], bench["outputs"]
     trained = sum(run["train"] != "reused" for run in runs)
-    audited = sum(run["audit"] != "reused" for run in runs)
+    audited = sum(run["audit"] == "audited" for run in runs)
     counts = f"runs: {len(runs)} ({trained} trained or resumed, {audited} audited, the rest reused)"
     paths = "\n".join(f"{name}: {path}" for name, path in outputs.items())
     _print(f"{Path(outputs['bench.md']).read_text()}\n{counts}\n{paths}")
@@ -357,6 +357,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("spec", help="the spec, e.g. configs/bench/projection.yaml")
     bench.add_argument("--output_dir", required=True, help="runs, logs and the bench.* pages")
     bench.add_argument("--device", help="torch device of the audits (default: cuda if present)")
+    bench.add_argument(
+        "--no_audit", action="store_true", help="train the grid only; a later call audits it"
+    )
     bench.add_argument("--seeds", nargs="+", type=int, help="these seeds instead of the spec's")
     bench.add_argument(
         "--data_seed", type=int, help="build every run's data with this seed (default: its own)"

@@ -64,9 +64,17 @@ def captured(log: Path) -> Iterator[None]:
 
 
 def run_one(
-    spec: BenchSpec, arm: Arm, seed: int, data: Path, output: Path, device: str, bar: tqdm
+    spec: BenchSpec,
+    arm: Arm,
+    seed: int,
+    data: Path,
+    output: Path,
+    device: str,
+    bar: tqdm,
+    audit: bool = True,
 ) -> dict[str, Any]:
-    """Train (or reuse) and audit (or reuse) one arm at one seed; its record for bench.json."""
+    """Train (or reuse) and audit (or reuse; not at all without `audit`) one arm at one seed;
+    its record for bench.json."""
     train_dir = data / "train"
     if arm.drop_where:
         train_dir = drop_rows(train_dir, arm.drop_where)
@@ -89,12 +97,15 @@ def run_one(
             Trainer(config, defenses, progress=False).train()
         metadata = json.loads((run_dir / METADATA_FILE).read_text())
         reused = audit_reusable(audit_config, judge, metadata)
-        print(f"audit: {'reused' if reused else 'audited'}")
+        state = "reused" if reused else "audited" if audit else "skipped"
+        print(f"audit: {state}")
         if reused:
             results = load_results(audit_config.output_dir)
-        else:
+        elif audit:
             bar.set_postfix_str(f"{arm.name}, seed {seed}: audit")
             results = run_audit(audit_config, judge)
+        else:
+            results = {}
     train_seconds = metadata.get("train_seconds")
     figures = flatten(results)
     if train_seconds is not None:
@@ -106,7 +117,7 @@ def run_one(
         "settings": {"train": arm.train, "drop_where": arm.drop_where},
         "train_config": metadata["config"],
         "train": plan,
-        "audit": "reused" if reused else "audited",
+        "audit": state,
         "train_seconds": train_seconds,
         "model_dir": str(run_dir),
         "audit_dir": audit_config.output_dir,
@@ -120,13 +131,15 @@ def run_bench(
     output_dir: str | Path,
     device: str | None = None,
     progress: bool = True,
+    audit: bool = True,
 ) -> dict[str, Any]:
     """Train and audit every arm x seed of `spec` (or of the spec file it names) under
     `output_dir`, reusing finished runs; write bench.json, bench.md and bench.html there and
     return bench.json's content.
 
     `device`: the audits' torch device (default: cuda when present); training uses
-    accelerate's. `progress`: show the one progress bar over the grid.
+    accelerate's. `progress`: show the one progress bar over the grid. `audit=False` trains
+    the grid only (to audit later, or elsewhere: a later call reuses the trained models).
     """
     if not isinstance(spec, BenchSpec):
         spec = load_spec(spec)
@@ -142,7 +155,7 @@ def run_bench(
             root = output / "data" / f"seed-{data_seed}"
             data = benchmark_data(spec.shapes_config(data_seed, root))
             for arm in spec.arms:
-                runs.append(run_one(spec, arm, seed, data, output, device, bar))
+                runs.append(run_one(spec, arm, seed, data, output, device, bar, audit))
                 bar.update()
     paths = {name: str(output / name) for name in (BENCH_JSON, BENCH_MD, BENCH_HTML)}
     bench = {
