@@ -91,9 +91,12 @@ def test_second_run_reuses_everything_and_a_changed_arm_is_retrained(
     spec["arms"]["plain"] = {"max_train_steps": 5}
     changed = tmp_path / "smoke.yaml"
     changed.write_text(yaml.safe_dump(spec))
+    (run,) = _bench(changed, output, "--arms", "plain", "--seeds", "0", "--no_audit")["runs"]
+    assert (run["train"], run["audit"]) == ("trained", "skipped")
+    assert not (output / "runs/plain/seed-0/audit/results.json").exists()
+    assert "runs: 1 (1 trained or resumed, 0 audited" in capsys.readouterr().out
     (run,) = _bench(changed, output, "--arms", "plain", "--seeds", "0")["runs"]
-    assert (run["train"], run["audit"]) == ("trained", "audited")
-    assert "runs: 1 (1 trained or resumed, 1 audited" in capsys.readouterr().out
+    assert (run["train"], run["audit"]) == ("reused", "audited")
     assert json.loads((output / "runs/plain/seed-0/memguard.json").read_text())["global_step"] == 5
 
 
