@@ -16,6 +16,7 @@ from PIL import Image
 from helpers import tiny_config
 from memguard import Trainer, cli
 from memguard.audit import run_audit
+from memguard.audit_plugins.shapes import ShapesBenchmark
 from memguard.config import AuditConfig
 from memguard.data.shapes import CONCEPT_SUFFIX
 from memguard.io import write_json
@@ -41,7 +42,7 @@ def _audit(model: Path, shapes_dir: Path, output: Path, **overrides) -> dict:
         output_dir=str(output),
         **(settings | overrides),
     )
-    return run_audit(config, judge_spec=TINY_JUDGE)
+    return run_audit(config, ShapesBenchmark(TINY_JUDGE))
 
 
 def _rates(tree, path: str = "") -> dict[str, dict]:
@@ -256,3 +257,22 @@ def test_a_missing_weights_file_names_its_flag(audited, shapes_dir, tmp_path) ->
     with pytest.raises(FileNotFoundError, match="--inception: no such file"):
         _audit(results["model"], shapes_dir, tmp_path / "audit", inception="/no/inception.pt")
     assert not (tmp_path / "audit").exists()
+
+
+def test_without_a_declaration_the_generic_measures_run_alone(audited, shapes_dir, tmp_path):
+    output, results = audited
+    train = tmp_path / "data" / "train"
+    shutil.copytree(shapes_dir / "train", train)  # no dataset.json above it
+    (tmp_path / "data" / "dataset.json").write_text('{"note": "not a declaration"}')
+    alone = _audit(results["model"], tmp_path / "data", tmp_path / "alone",
+                   samples_dir=str(output / "samples"))  # fmt: skip
+    assert "benchmark" not in alone and alone["similarity"] is None  # no descriptor asked for
+    assert alone["replication"] == results["replication"]
+    off = _audit(results["model"], shapes_dir, tmp_path / "off", benchmark="none",
+                 samples_dir=str(output / "samples"))  # fmt: skip
+    assert "benchmark" not in off and off["replication"] == results["replication"]
+    assert results["benchmark"]["name"] == "shapes"
+    assert results["benchmark"]["selected_by"].startswith("declared in ")
+    with pytest.raises(FileNotFoundError, match="--benchmark shapes: no test/ beside"):
+        _audit(results["model"], tmp_path / "data", tmp_path / "asked", benchmark="shapes")
+    assert not (tmp_path / "asked").exists()  # refused before anything was sampled
