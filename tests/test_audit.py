@@ -276,3 +276,22 @@ def test_without_a_declaration_the_generic_measures_run_alone(audited, shapes_di
     with pytest.raises(FileNotFoundError, match="--benchmark shapes: no test/ beside"):
         _audit(results["model"], tmp_path / "data", tmp_path / "asked", benchmark="shapes")
     assert not (tmp_path / "asked").exists()  # refused before anything was sampled
+
+
+def test_a_missing_auc_is_null_with_its_reason(audited, shapes_dir, tmp_path) -> None:
+    output, results = audited
+    ordinary = [p["prompt"] for p in results["replication"]["prompts"] if p["kind"] == "ordinary"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(ordinary[:2]) + "\n")
+    again = _audit(results["model"], shapes_dir, tmp_path / "audit", prompts=str(prompts),
+                   samples_dir=str(output / "samples"), benchmark="none")  # fmt: skip
+    detection = again["detection"]
+    assert detection["auc"] is None and detection["tpr_at_1pct_fpr"] is None
+    assert detection["auc_reason"] == (
+        "no duplicated prompts among the 2 detection prompts: the ROC compares duplicated "
+        "against ordinary prompts"
+    )
+    assert again["warnings"] == [f"detection: no AUC, {detection['auc_reason']}"]
+    assert [s["kind"] for s in detection["scores"]] == ["ordinary", "ordinary"]
+    summary = cli.audit_summary(again)
+    assert "  memorized-prompt detection AUC: n/a (no duplicated prompts among" in summary

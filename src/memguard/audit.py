@@ -9,7 +9,8 @@ UNet folder, a Stable Diffusion pipeline folder) and the image folder it was tra
 - feature similarity (Somepalli et al. 2023) with SSCD from a local TorchScript file, or the
   features an audit plugin offers (`memguard.metrics.similarity`);
 - prompt-level detection (Wen et al., ICLR 2024): d(p) per prompt, AUC and TPR at 1% FPR of
-  duplicated against ordinary prompts;
+  duplicated against ordinary prompts; without both kinds among the prompts the AUC is null,
+  with the reason, and a warning;
 - FID/KID with an Inception network from a local TorchScript file;
 - the measures of an audit plugin, when one is selected (`memguard.audit_plugins`): on the
   shapes benchmark, the judge's held-out accuracy, FID/KID against the held-out split,
@@ -329,18 +330,26 @@ class Auditor:
             "steps": c.detection_steps or c.num_inference_steps,
             "scores": rows,
         }
-        if labels.any() and not labels.all():
-            result |= detection_figures(scores[labelled], labels)
-            result["tpr_at_1pct_fpr_rule"] = (
-                "Wen et al.'s: the last ROC point (scikit-learn's roc_curve) with FPR < 0.01"
+        present = {rows[i]["kind"] for i in labelled}
+        missing = [kind for kind in ("duplicated", "ordinary") if kind not in present]
+        if missing:
+            reason = (
+                f"no {' and no '.join(missing)} prompts among the {len(prompts)} detection "
+                "prompts: the ROC compares duplicated against ordinary prompts"
             )
-            # how the choice of steps matters: the same score over the first k steps
-            total = magnitudes.shape[1]
-            result["auc_by_first_steps"] = {
-                str(k): detection_figures(first_steps_score(magnitudes[labelled], k), labels)["auc"]
-                for k in sorted({1, 2, 3, 5, 10, total})
-                if k <= total
-            }
+            self.warnings.append(f"detection: no AUC, {reason}")
+            return result | {"auc": None, "tpr_at_1pct_fpr": None, "auc_reason": reason}
+        result |= detection_figures(scores[labelled], labels)
+        result["tpr_at_1pct_fpr_rule"] = (
+            "Wen et al.'s: the last ROC point (scikit-learn's roc_curve) with FPR < 0.01"
+        )
+        # how the choice of steps matters: the same score over the first k steps
+        total = magnitudes.shape[1]
+        result["auc_by_first_steps"] = {
+            str(k): detection_figures(first_steps_score(magnitudes[labelled], k), labels)["auc"]
+            for k in sorted({1, 2, 3, 5, 10, total})
+            if k <= total
+        }
         return result
 
     def descriptor(self) -> Descriptor | None:
