@@ -19,7 +19,8 @@ from memguard.audit import run_audit
 from memguard.audit_plugins.shapes import ShapesBenchmark
 from memguard.config import AuditConfig
 from memguard.data.shapes import CONCEPT_SUFFIX
-from memguard.io import write_json
+from memguard.io import load_model, write_json
+from memguard.metrics.detection import first_steps_score, step_magnitudes
 from memguard.metrics.intervals import generations_per_prompt, wilson_interval
 from memguard.metrics.judge import JudgeSpec
 from memguard.models import build_unet, noise_scheduler
@@ -295,3 +296,22 @@ def test_a_missing_auc_is_null_with_its_reason(audited, shapes_dir, tmp_path) ->
     assert [s["kind"] for s in detection["scores"]] == ["ordinary", "ordinary"]
     summary = cli.audit_summary(again)
     assert "  memorized-prompt detection AUC: n/a (no duplicated prompts among" in summary
+
+
+def test_detection_starts_from_the_audits_seed(audited, shapes_dir, tmp_path) -> None:
+    output, results = audited
+    settings = {"detection_seeds": 2, "samples_dir": str(output / "samples"), "benchmark": "none"}
+    seeded = _audit(results["model"], shapes_dir, tmp_path / "5", seed=5, **settings)["detection"]
+    unseeded = _audit(results["model"], shapes_dir, tmp_path / "0", **settings)["detection"]
+    assert (seeded["seed"], unseeded["seed"]) == (5, 0)
+    assert "(seeds 5..6)" in seeded["starts"] and "(seeds 0..1)" in unseeded["starts"]
+    model = load_model(results["model"])  # on the audit's default device
+    duplicated = [row for row in seeded["scores"] if row["kind"] == "duplicated"]
+    for detection, seed in ((seeded, 5), (unseeded, 0)):
+        prompts = [row["prompt"] for row in detection["scores"]]  # the seed draws the ordinary
+        magnitudes = step_magnitudes(model, prompts, seeds=2, num_inference_steps=3, seed=seed)
+        expected = first_steps_score(magnitudes).tolist()
+        assert [row["d"] for row in detection["scores"]] == pytest.approx(expected, rel=1e-6)
+        assert [row["prompt"] for row in duplicated] == prompts[: len(duplicated)]
+    # the same duplicated prompts, scored from other starts
+    assert all(a["d"] != b["d"] for a, b in zip(duplicated, unseeded["scores"], strict=False))

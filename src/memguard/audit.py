@@ -313,6 +313,7 @@ class Auditor:
             guidance_scale=c.guidance_scale,
             sampler=c.scheduler,
             batch_size=c.batch_size,
+            seed=c.seed,
         )
         scores = first_steps_score(magnitudes, c.detection_steps)
         rows = [
@@ -321,12 +322,13 @@ class Auditor:
         ]
         labelled = [i for i, r in enumerate(rows) if r["kind"] in ("duplicated", "ordinary")]
         labels = torch.tensor([rows[i]["kind"] == "duplicated" for i in labelled], dtype=bool)
+        last = c.seed + c.detection_seeds - 1
         result: dict = {
             "method": "Wen et al. 2024: mean ||eps(x_t, p) - eps(x_t, '')|| over sampling steps",
+            "seed": c.seed,
             "seeds": c.detection_seeds,
-            "starts": f"the same {c.detection_seeds} starting noises (seeds 0.."
-            f"{c.detection_seeds - 1}) for every prompt, a paired comparison; Wen et al. draw "
-            "each prompt's own",
+            "starts": f"the same {c.detection_seeds} starting noises (seeds {c.seed}..{last}) for "
+            "every prompt, a paired comparison; Wen et al. draw each prompt's own",
             "steps": c.detection_steps or c.num_inference_steps,
             "scores": rows,
         }

@@ -7,9 +7,10 @@ trajectory, averaged over a few starts. Memorized prompts pull the trajectory ha
 training image, so d is large. `steps` limits the average to the first k steps (Wen et al. find
 the first step alone already separates well).
 
-Starts: memguard draws the same S starting noises (seeds 0 .. S-1) for every prompt, so prompts
-are compared from the same points (a paired comparison); Wen et al.'s detection draws each
-prompt's starts with seeds of its own. The two agree in expectation, not run by run.
+Starts: memguard draws the same S starting noises (seeds s .. s+S-1, s the audit's seed) for
+every prompt, so prompts are compared from the same points (a paired comparison); Wen et al.'s
+detection draws each prompt's starts with seeds of its own. The two agree in expectation, not
+run by run.
 
 TPR at 1% FPR follows Wen et al.'s evaluation: the true-positive rate of the last point of the
 ROC curve (scikit-learn's `roc_curve`, corners only) whose false-positive rate is strictly below
@@ -41,14 +42,15 @@ def step_magnitudes(
     guidance_scale: float = 3.0,
     sampler: str = "dpm",
     batch_size: int = 64,
+    seed: int = 0,
 ) -> torch.Tensor:
     """(P, num_inference_steps): ||eps(x_t, p) - eps(x_t, '')|| at each sampling step along the
-    guided trajectory, averaged over `seeds` starts."""
+    guided trajectory, averaged over `seeds` starts (the noises of seeds seed .. seed+seeds-1)."""
     if guidance_scale == 1.0:
         raise ValueError("detection needs guided sampling (guidance_scale != 1)")
     cond = model.encoder.encode(prompts)
     uncond = model.encoder.encode([""])[0]
-    noise = initial_noise(model.sample_shape, 0, seeds)
+    noise = initial_noise(model.sample_shape, seed, seeds)
     jobs = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
     totals = torch.zeros(len(prompts), num_inference_steps, dtype=torch.float64)
     for start in range(0, len(jobs), batch_size):
