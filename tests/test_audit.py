@@ -24,6 +24,7 @@ from memguard.metrics.detection import first_steps_score, step_magnitudes
 from memguard.metrics.intervals import generations_per_prompt, wilson_interval
 from memguard.metrics.judge import JudgeSpec
 from memguard.models import build_unet, noise_scheduler
+from memguard.report.html import render_report
 
 TINY_JUDGE = JudgeSpec(image_size=8, num_train=1000, num_heldout=200, steps=150, batch_size=64)
 
@@ -315,3 +316,17 @@ def test_detection_starts_from_the_audits_seed(audited, shapes_dir, tmp_path) ->
         assert [row["prompt"] for row in duplicated] == prompts[: len(duplicated)]
     # the same duplicated prompts, scored from other starts
     assert all(a["d"] != b["d"] for a, b in zip(duplicated, unseeded["scores"], strict=False))
+
+
+def test_defense_reports_are_read_as_memguard_json_records(audited, tmp_path) -> None:
+    _, results = audited
+    defended = json.loads(json.dumps(results))
+    defended["model_training"]["defenses"] = [  # as memguard.defenses.registry.record writes
+        {"name": "projection", "settings": {"concept": ["the acme logo"]},
+         "report": {"guarded_weights": 12, "leak": 3.5e-9}},
+        {"name": "agc", "settings": {"agc_gamma": 1.0}, "report": {"skipped": 4}},
+    ]  # fmt: skip
+    assert "  projection: leak certificate: 3.50e-09\n" in cli.audit_summary(defended)
+    assert sum("leak certificate" in line for line in cli.audit_summary(defended).splitlines()) == 1
+    page = render_report(defended, tmp_path / "report.html").read_text()
+    assert "<td>projection: leak certificate</td><td>3.50e-09</td>" in page

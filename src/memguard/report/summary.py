@@ -88,9 +88,10 @@ def summary_rows(results: dict) -> list[Row]:
         rows += inception_rows(results["inception_quality"])
     if results.get("benchmark"):
         rows += benchmark_rows(results["benchmark"])
-    for name, report in (results.get("model_training", {}).get("defenses") or {}).items():
-        if report.get("leak") is not None:
-            rows.append((f"{name}: leak certificate", f"{report['leak']:.2e}", None))
+    for defense in results.get("model_training", {}).get("defenses") or []:  # memguard.json's
+        leak = (defense.get("report") or {}).get("leak")
+        if leak is not None:
+            rows.append((f"{defense['name']}: leak certificate", f"{leak:.2e}", None))
     return rows
 
 
