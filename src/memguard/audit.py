@@ -28,8 +28,8 @@ Memory and devices: the training folder is streamed, `chunk_size` images at a ti
 exact-duplicate merging, the nearest-neighbour searches, the descriptors and FID/KID, so a
 Stable Diffusion-sized training set never sits in memory (the generations do). The model
 (sampling, detection, textual inversion), the searches and the user's TorchScript descriptors
-run on `device`; the text encoder (once per prompt) and the benchmark's small judge stay on the
-CPU, where they cost less than the transfers.
+run on `device`; the text encoder and the benchmark's judge stay on the CPU, where their inputs
+are and where, small beside the UNet, they cost less than the transfers would.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def replication_summary(
     threshold: float = 1 / 3,
     backend: str = "torch",
     distinct: tuple[torch.Tensor, torch.Tensor] | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = AuditConfig.chunk_size,
     device: str | torch.device | None = None,
 ) -> dict:
     """The replication section of results.json, for the audit and `memguard replication` alike:
@@ -258,6 +258,7 @@ class Auditor:
                 check_file(path, flag)
         selection = selected(config.benchmark, config.train_data_dir)
         self.plugin: AuditPlugin | None = None
+        self.selected_by: str | None = None
         if selection is not None:
             name, self.selected_by = selection
             given = plugin is not None and plugin.name == name

@@ -128,10 +128,9 @@ def _torch_search(
             _, local = squared.topk(min(keep, len(r)), dim=1, largest=False)
             found_d.append(_exact(q, (r[column] for column in local.T)))
             found_i.append(local + start)
-        best_d, best_i = _by_distance(
-            torch.cat([best_d, torch.cat(found_d)], 1), torch.cat([best_i, torch.cat(found_i)], 1),
-            keep,
-        )  # fmt: skip
+        distances = torch.cat([best_d, torch.cat(found_d)], dim=1)
+        indices = torch.cat([best_i, torch.cat(found_i)], dim=1)
+        best_d, best_i = _by_distance(distances, indices, keep)
         start += len(r)
     return best_d, best_i
 
