@@ -1,6 +1,6 @@
 """Exact chunked nearest-neighbour search: peak memory and time as the training set grows.
 
-Runs `memguard.metrics.replication.nearest_neighbors` (k = 2, the Gu criterion's query) for
+Runs `memguard.metrics.neighbors.nearest_neighbors` (k = 2, the Gu criterion's query) for
 10,000 queries of dimension 768 against training sets of 12,500 ... 100,000 vectors, each size
 in a fresh process so that its peak resident memory (ru_maxrss) is its own. Writes JSON.
 
@@ -21,7 +21,7 @@ import torch
 
 
 def measure(train_size: int, queries: int, dim: int, k: int) -> dict:
-    from memguard.metrics.replication import nearest_neighbors
+    from memguard.metrics.neighbors import nearest_neighbors
 
     generator = torch.Generator().manual_seed(0)
     train = torch.randn(train_size, dim, generator=generator)
@@ -62,7 +62,7 @@ def main() -> None:
         runs.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(runs[-1]), flush=True)
     result = {
-        "benchmark": "exact chunked nearest-neighbour search (memguard.metrics.replication)",
+        "benchmark": "exact chunked nearest-neighbour search (memguard.metrics.neighbors)",
         "threads": torch.get_num_threads(),
         "runs": runs,
         "max_peak_rss_mb": max(r["peak_rss_mb"] for r in runs),

@@ -37,8 +37,8 @@ def test_data_train_sample_replication(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "benchmark written to" in out and "trained 4 steps" in out
     assert "6 images for 3 prompts" in out
-    assert "replication, duplicated prompts, 4 generations:" in out
-    assert "IET's MQ (squared L2, every training row) below 0.15" in out
+    assert "  replication, duplicated prompts, generations: 4\n" in out
+    assert "  IET's MQ (squared L2, every training row) < 0.15: " in out
     summary = json.loads((tmp_path / "replication.json").read_text())
     assert summary["by_prompt_kind"]["duplicated"]["generations"] == 4
     assert summary["by_prompt_kind"]["ordinary"]["replica_rate_all_rows"]["n"] == 2

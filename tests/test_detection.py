@@ -87,5 +87,8 @@ def test_magnitude_is_the_mean_norm_along_the_trajectory(shapes_dir: Path, tmp_p
     assert scores[1] == pytest.approx(one_seed[0].item(), rel=1e-6)
     seed0 = first_steps_score(step_magnitudes(model, prompts[1:], seeds=1, num_inference_steps=3))
     assert 2 * one_seed[0] - seed0[0] == pytest.approx(torch.stack(norms).mean().item(), rel=1e-4)
+    # the starts begin at `seed`: one start from seed 1 is the trajectory written out above
+    seed1 = step_magnitudes(model, prompts[1:], seeds=1, num_inference_steps=3, seed=1)
+    assert first_steps_score(seed1)[0] == pytest.approx(torch.stack(norms).mean().item(), rel=1e-4)
     first = first_steps_score(magnitudes, steps=1)
     assert first.shape == (1,) and first[0] > 0

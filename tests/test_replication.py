@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+from memguard.metrics.neighbors import nearest_distinct, nearest_neighbors
 from memguard.metrics.replication import (
     MQ_THRESHOLDS,
     fractions_below,
+    gu_from_neighbors,
     gu_replication,
     iet_mq,
+    iet_mq_from_neighbors,
     mq_distinct_l2,
-    nearest_cosine,
-    nearest_distinct,
-    nearest_neighbors,
-    similarity_summary,
+    mq_distinct_l2_from_neighbors,
 )
+from memguard.metrics.similarity import nearest_cosine, similarity_summary
 
 
 def brute_force_knn(queries: np.ndarray, reference: np.ndarray, k: int):
@@ -214,12 +215,13 @@ def test_one_search_serves_gu_and_mq() -> None:
     generated = torch.cat([train[:3], torch.from_numpy(rng.normal(size=(9, 5)))])
     shared = nearest_distinct(generated, train, k=50)
     alone = gu_replication(generated, train)
-    reused = gu_replication(generated, train, 1 / 3, shared)
+    reused = gu_from_neighbors(shared, 1 / 3)
     for field in ("ratio", "is_replica", "ratio_all_rows", "is_replica_all_rows", "nearest",
                   "nearest_group", "groups", "d1", "d2"):  # fmt: skip
         assert torch.equal(getattr(alone, field), getattr(reused, field)), field
-    for mq in (iet_mq, mq_distinct_l2):
-        assert torch.equal(mq(generated, train), mq(generated, train, 50, shared))
-        assert torch.equal(mq(generated, train, k=7), mq(generated, train, 7, shared))
+    for mq, of_neighbors in ((iet_mq, iet_mq_from_neighbors),
+                             (mq_distinct_l2, mq_distinct_l2_from_neighbors)):  # fmt: skip
+        assert torch.equal(mq(generated, train), of_neighbors(shared, 50))
+        assert torch.equal(mq(generated, train, k=7), of_neighbors(shared, 7))
     with pytest.raises(ValueError, match="the search kept 2 neighbours"):
-        iet_mq(generated, train, 50, nearest_distinct(generated, train, k=2))
+        iet_mq_from_neighbors(nearest_distinct(generated, train, k=2), 50)

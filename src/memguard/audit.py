@@ -4,15 +4,17 @@ Works on any model folder `memguard.io.load_model` reads (memguard's output, a d
 UNet folder, a Stable Diffusion pipeline folder) and the image folder it was trained on:
 
 - replication: Gu et al.'s d1/d2 criterion (copies merged, and over every training row as the
-  paper's code counts), IET's MQ (and memguard's variant on distinct images, named apart),
-  feature-space similarity (SSCD from a local TorchScript file, or the benchmark judge's
-  features), and which training images are hit (`memguard.metrics.replication`);
-- prompt-level detection (Wen et al.): d(p) per prompt, AUC and TPR at 1% FPR of duplicated
-  against ordinary prompts;
-- on the shapes benchmark (a `dataset.json` beside the training folder): the judge's held-out
-  accuracy, FID/KID against the held-out split, attribute accuracy, and concept extraction by
-  prompts that name the concept, paraphrases, a learned embedding and generic prompts (the base
-  rate).
+  paper's code counts), IET's MQ (and memguard's variant on distinct images, named apart), and
+  which training images are hit (`memguard.metrics.replication`);
+- feature similarity (Somepalli et al. 2023) with SSCD from a local TorchScript file, or the
+  features an audit plugin offers (`memguard.metrics.similarity`);
+- prompt-level detection (Wen et al., ICLR 2024): d(p) per prompt, AUC and TPR at 1% FPR of
+  duplicated against ordinary prompts; without both kinds among the prompts the AUC is null,
+  with the reason, and a warning;
+- FID/KID with an Inception network from a local TorchScript file;
+- the measures of an audit plugin, when one is selected (`memguard.audit_plugins`): on the
+  shapes benchmark, the judge's held-out accuracy, FID/KID against the held-out split,
+  attribute accuracy, and concept extraction.
 
 Prompts come in three kinds: *duplicated* (a planted duplicate's caption when the folder has a
 `duplicate_group` column, otherwise a training caption with a repeated image), *ordinary* (any
@@ -21,6 +23,13 @@ other training caption) and *unseen*. Every rate is reported with its 95% Wilson
 generations: a set of P prompts behind one rate (a prompt kind, an attack) is sampled
 ceil(min_generations_per_rate / P) times per prompt, unless `num_images` fixes the count.
 Everything lands in one `results.json`.
+
+Memory and devices: the training folder is streamed, `chunk_size` images at a time, through
+exact-duplicate merging, the nearest-neighbour searches, the descriptors and FID/KID, so a
+Stable Diffusion-sized training set never sits in memory (the generations do). The model
+(sampling, detection, textual inversion), the searches and the user's TorchScript descriptors
+run on `device`; the text encoder and the benchmark's judge stay on the CPU, where their inputs
+are and where, small beside the UNet, they cost less than the transfers would.
 """
 
 from __future__ import annotations
@@ -29,34 +38,22 @@ import json
 import random
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from memguard import __version__
-from memguard.attacks.concept import PLACEHOLDER, generate_with_embedding, learn_concept_embedding
+from memguard.audit_plugins import AuditPlugin, plugin_class, selected
 from memguard.config import AuditConfig, to_dict
-from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata
-from memguard.data.shapes import CONCEPT_PARAPHRASES, CONCEPT_SUFFIX
+from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata, unit_float
 from memguard.io import DiffusionModel, load_model, write_json
 from memguard.metrics.descriptors import ScriptedDescriptor, check_file
-from memguard.metrics.detection import first_steps_score, roc_auc, step_magnitudes, tpr_at_fpr
+from memguard.metrics.detection import MemorizationDetection, first_steps_score, step_magnitudes
 from memguard.metrics.intervals import generations_per_prompt, rate_of
-from memguard.metrics.replication import (
-    MQ_K,
-    Replication,
-    distinct_rows,
-    fractions_below,
-    gu_replication,
-    iet_mq,
-    mq_distinct_l2,
-    nearest_cosine,
-    nearest_distinct,
-    similarity_summary,
-)
+from memguard.metrics.neighbors import ImageRows, distinct_rows
+from memguard.metrics.replication import MQ_K, Replication, fractions_below, replication_metrics
+from memguard.metrics.similarity import Descriptor, FeatureSimilarity, similarity_summary
 from memguard.report.html import render_report
 from memguard.sampling import generate, save_samples
 
@@ -78,8 +75,8 @@ def load_folders(
 
 
 def images01(dataset: ImageFolderDataset) -> torch.Tensor:
-    """(N, 3, H, W) float in [0, 1]."""
-    return dataset.stacked().float().div(255.0)
+    """(N, 3, H, W) float in [0, 1]: for the generations, which the audit holds in memory."""
+    return unit_float(dataset.stacked())
 
 
 def duplicated_captions(train: ImageFolderDataset, groups: list[int]) -> set[str]:
@@ -172,23 +169,26 @@ def replication_summary(
     samples: ImageFolderDataset,
     train: ImageFolderDataset,
     generated: torch.Tensor,  # images01(samples)
-    train_images: torch.Tensor,  # images01(train)
     threshold: float = 1 / 3,
     backend: str = "torch",
     distinct: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int = AuditConfig.chunk_size,
+    device: str | torch.device | None = None,
 ) -> dict:
     """The replication section of results.json, for the audit and `memguard replication` alike:
     Gu et al.'s criterion in both conventions, overall, by prompt kind and by prompt; IET's MQ
     and memguard's variant; the training images hit most. One exact search of the distinct
-    training images serves every figure (`distinct`: `distinct_rows` of the training images,
-    when already computed)."""
-    queries, reference = generated.flatten(1), train_images.flatten(1)
-    neighbors = nearest_distinct(queries, reference, MQ_K, distinct, backend=backend)
-    result = gu_replication(queries, reference, threshold, neighbors)
-    mq = {
-        "iet_mq": iet_mq(queries, reference, MQ_K, neighbors),
-        "mq_distinct_l2": mq_distinct_l2(queries, reference, MQ_K, neighbors),
-    }
+    training images, streamed from the folder `chunk_size` images at a time on `device`,
+    serves every figure (`distinct`: `distinct_rows` of the training images, when already
+    computed)."""
+    reference = ImageRows(train)
+    if distinct is None:
+        distinct = distinct_rows(reference, chunk_size)
+    metrics = replication_metrics(
+        reference, distinct, threshold, backend=backend, chunk_size=chunk_size
+    ).to(device or "cpu")
+    metrics.update(generated)
+    result, mq = metrics["replication"].compute(), metrics["mq"].compute()
     kinds = PromptKinds(train, result.groups.tolist())
     generations = _generation_rows(samples, train, result, mq, kinds)
     by_prompt: dict[str, list[dict]] = defaultdict(list)
@@ -196,7 +196,7 @@ def replication_summary(
         by_prompt[row["prompt"]].append(row)
     hits = Counter(row["nearest_file"] for row in generations if row["replica"])
     caption_of = {record.path.name: record.text for record in train.records}
-    num_distinct = len(neighbors.representatives)
+    num_distinct = len(distinct[0])
     return {
         "criterion": "Gu et al. 2023: a replica when d1/d2 < threshold, pixel space",
         "definitions": DEFINITIONS,
@@ -231,12 +231,6 @@ def replication_summary(
 # --------------------------------------------------------------------------------- audit
 
 
-def benchmark_root(train_data_dir: str | Path) -> Path | None:
-    """The shapes benchmark's folder when `train_data_dir` is its training split."""
-    root = Path(train_data_dir).resolve().parent
-    return root if (root / "dataset.json").is_file() else None
-
-
 def default_prompts(train: ImageFolderDataset, kinds: PromptKinds, count: int, seed: int):
     """Every duplicated caption, then `count` other training captions drawn with `seed`."""
     duplicated = [c for c in dict.fromkeys(train.captions) if c in kinds.duplicated]
@@ -244,18 +238,36 @@ def default_prompts(train: ImageFolderDataset, kinds: PromptKinds, count: int, s
     return duplicated + sorted(random.Random(seed).sample(others, min(count, len(others))))
 
 
-class Auditor:
-    """Runs every measure of an audit for one model and training folder."""
+def detection_figures(scores: torch.Tensor, memorized: torch.Tensor) -> dict[str, float]:
+    """Wen et al.'s AUC and TPR at 1% FPR of memorized against other prompts."""
+    metric = MemorizationDetection()
+    metric.update(scores, memorized)
+    return metric.compute()
 
-    def __init__(self, config: AuditConfig, judge_spec=None) -> None:
+
+class Auditor:
+    """Runs every measure of an audit for one model and training folder, and the audit plugin
+    the config or the dataset selects (`plugin`: a configured instance to use if its name is
+    the one selected; otherwise the registry's default is built)."""
+
+    def __init__(self, config: AuditConfig, plugin: AuditPlugin | None = None) -> None:
         self.config = config
-        self.judge_spec = judge_spec  # memguard.metrics.judge.JudgeSpec; None: the default
         self.output = Path(config.output_dir)
         for path, flag in ((config.sscd, "--sscd"), (config.inception, "--inception")):
             if path is not None:  # before anything is sampled or written
                 check_file(path, flag)
+        selection = selected(config.benchmark, config.train_data_dir)
+        self.plugin: AuditPlugin | None = None
+        self.selected_by: str | None = None
+        if selection is not None:
+            name, self.selected_by = selection
+            given = plugin is not None and plugin.name == name
+            self.plugin = plugin if given else plugin_class(name)()
         self.model: DiffusionModel = load_model(config.model, config.device)
+        self.device = self.model.device
         self.warnings: list[str] = []
+        if self.plugin is not None:
+            self.plugin.setup(self)
 
     def per_prompt(self, num_prompts: int) -> int:
         """Generations per prompt of a set of `num_prompts` prompts behind one reported rate:
@@ -302,6 +314,7 @@ class Auditor:
             guidance_scale=c.guidance_scale,
             sampler=c.scheduler,
             batch_size=c.batch_size,
+            seed=c.seed,
         )
         scores = first_steps_score(magnitudes, c.detection_steps)
         rows = [
@@ -309,154 +322,76 @@ class Auditor:
             for p, d in zip(prompts, scores, strict=True)
         ]
         labelled = [i for i, r in enumerate(rows) if r["kind"] in ("duplicated", "ordinary")]
-        labels = np.array([rows[i]["kind"] == "duplicated" for i in labelled])
+        labels = torch.tensor([rows[i]["kind"] == "duplicated" for i in labelled], dtype=bool)
+        last = c.seed + c.detection_seeds - 1
         result: dict = {
             "method": "Wen et al. 2024: mean ||eps(x_t, p) - eps(x_t, '')|| over sampling steps",
+            "seed": c.seed,
             "seeds": c.detection_seeds,
-            "starts": f"the same {c.detection_seeds} starting noises (seeds 0.."
-            f"{c.detection_seeds - 1}) for every prompt, a paired comparison; Wen et al. draw "
-            "each prompt's own",
+            "starts": f"the same {c.detection_seeds} starting noises (seeds {c.seed}..{last}) for "
+            "every prompt, a paired comparison; Wen et al. draw each prompt's own",
             "steps": c.detection_steps or c.num_inference_steps,
             "scores": rows,
         }
-        if labels.any() and not labels.all():
-            values = scores[labelled].numpy()
-            result["auc"] = roc_auc(values, labels)
-            result["tpr_at_1pct_fpr"] = tpr_at_fpr(values, labels, 0.01)
-            result["tpr_at_1pct_fpr_rule"] = (
-                "Wen et al.'s: the last ROC point (scikit-learn's roc_curve) with FPR < 0.01"
+        present = {rows[i]["kind"] for i in labelled}
+        missing = [kind for kind in ("duplicated", "ordinary") if kind not in present]
+        if missing:
+            reason = (
+                f"no {' and no '.join(missing)} prompts among the {len(prompts)} detection "
+                "prompts: the ROC compares duplicated against ordinary prompts"
             )
-            # how the choice of steps matters: the same score over the first k steps
-            total = magnitudes.shape[1]
-            result["auc_by_first_steps"] = {
-                str(k): roc_auc(first_steps_score(magnitudes[labelled], k).numpy(), labels)
-                for k in sorted({1, 2, 3, 5, 10, total})
-                if k <= total
-            }
+            self.warnings.append(f"detection: no AUC, {reason}")
+            return result | {"auc": None, "tpr_at_1pct_fpr": None, "auc_reason": reason}
+        result |= detection_figures(scores[labelled], labels)
+        result["tpr_at_1pct_fpr_rule"] = (
+            "Wen et al.'s: the last ROC point (scikit-learn's roc_curve) with FPR < 0.01"
+        )
+        # how the choice of steps matters: the same score over the first k steps
+        total = magnitudes.shape[1]
+        result["auc_by_first_steps"] = {
+            str(k): detection_figures(first_steps_score(magnitudes[labelled], k), labels)["auc"]
+            for k in sorted({1, 2, 3, 5, 10, total})
+            if k <= total
+        }
         return result
 
-    def similarity(self, generated: torch.Tensor, train: torch.Tensor, judge) -> dict | None:
-        if self.config.sscd is not None:
-            descriptor = "sscd"
-            extract = ScriptedDescriptor(self.config.sscd, "--sscd", self.config.sscd_size)
-        elif judge is not None:
-            descriptor, extract = "judge features, centred on the training set's mean", None
-        else:
-            return None
-        with torch.no_grad():
-            if extract is None:  # pooled activations share a large mean: cosine needs centring
-                train_features = judge.features(train)
-                centre = train_features.mean(dim=0)
-                query, reference = judge.features(generated) - centre, train_features - centre
-            else:
-                query, reference = extract(generated), extract(train)
-            similarity, _ = nearest_cosine(query, reference, backend=self.config.nn_backend)
-        return {"descriptor": descriptor, **similarity_summary(similarity)}
+    def descriptor(self) -> Descriptor | None:
+        """SSCD when given, else the plugin's features, else none."""
+        c = self.config
+        if c.sscd is not None:
+            extract = ScriptedDescriptor(c.sscd, "--sscd", c.sscd_size, self.device)
+            return Descriptor("sscd", extract)
+        return self.plugin.descriptor() if self.plugin is not None else None
 
-    def inception_quality(self, generated: torch.Tensor, train_images: torch.Tensor) -> dict:
+    def similarity(self, generated: torch.Tensor, train: ImageFolderDataset) -> dict | None:
+        descriptor = self.descriptor()
+        if descriptor is None:
+            return None
+        metric = FeatureSimilarity(descriptor.of(train), descriptor.centre, self.config.nn_backend)
+        metric.to(self.device).update(descriptor.of(generated))
+        similarity, _ = metric.compute()
+        return {"descriptor": descriptor.name, **similarity_summary(similarity)}
+
+    def inception_quality(self, generated: torch.Tensor, train: ImageFolderDataset) -> dict:
         """FID/KID with the user's Inception features, against --test_data_dir (held-out real
-        images) or, without one, the training images."""
+        images) or, without one, the training images (read a batch at a time)."""
         from memguard.metrics.quality import fid_kid
 
         c = self.config
-        reference, source = train_images, "training images"
+        reference, source = train, "training images"
         if c.test_data_dir is not None:
-            reference = images01(ImageFolderDataset(c.test_data_dir, self.model.image_size))
+            reference = ImageFolderDataset(c.test_data_dir, self.model.image_size)
             source = str(Path(c.test_data_dir).resolve())
-        extractor = ScriptedDescriptor(c.inception, "--inception", c.inception_size)
+        extractor = ScriptedDescriptor(c.inception, "--inception", c.inception_size, self.device)
         return {"feature_extractor": "inception", "reference": source,
                 **fid_kid(reference, generated, extractor)}  # fmt: skip
-
-    def benchmark(self, root: Path, ordinary_prompts: list[str], samples, judge, train) -> dict:
-        """Judge accuracy, quality and concept extraction on the shapes benchmark."""
-        from memguard.metrics.judge import FeatureExtractor
-        from memguard.metrics.quality import attribute_accuracy, fid_kid
-
-        results: dict = {
-            "judge": {"heldout_accuracy": judge.heldout_accuracy, "spec": asdict(judge.spec)}
-        }
-        self.warnings += judge.warnings()
-
-        ordinary = [i for i, p in enumerate(samples.captions) if p in set(ordinary_prompts)]
-        if ordinary:
-            predicted = judge.predict(images01(samples)[ordinary])
-            prompts = [samples.captions[i] for i in ordinary]
-            results["attribute_accuracy"] = attribute_accuracy(prompts, predicted)
-        # What the concept-carrying training images taught, the concept words removed: the data
-        # that oracle filtering throws away and projection keeps.
-        carried = [c for c, has in zip(train.captions, train.column("has_concept"), strict=True)
-                   if has and CONCEPT_SUFFIX in c]  # fmt: skip
-        if carried:
-            bare = sorted({c.replace(CONCEPT_SUFFIX, "") for c in carried})
-            prompts, images = self.generate_set(bare)
-            results["attribute_accuracy_on_concept_captions"] = attribute_accuracy(
-                prompts, judge.predict(images)
-            )
-
-        test = ImageFolderDataset(self.config.test_data_dir or root / "test", samples.resolution)
-        test_images = self.generate(test.captions, 1)
-        results["quality"] = {
-            "feature_extractor": "judge",
-            **fid_kid(images01(test), test_images, FeatureExtractor(judge.net)),
-            "attribute_accuracy_on_test_captions": attribute_accuracy(
-                test.captions, judge.predict(test_images)
-            ),
-        }
-        bases = [p for p in sorted(set(ordinary_prompts)) if CONCEPT_SUFFIX not in p][:8]
-        if bases:
-            results["concept_extraction"] = self.concept_extraction(root, bases, judge)
-        return results
-
-    def concept_extraction(self, root: Path, bases: list[str], judge) -> dict:
-        """How often the judge finds the concept in generations from prompts that name it,
-        paraphrase it, or carry a learned embedding of it, all built on the generic `bases`,
-        and from the bases alone (the base rate)."""
-        attacks = {
-            "naming_prompts": [b + CONCEPT_SUFFIX for b in bases],
-            "paraphrases": [b + suffix for b in bases for suffix in CONCEPT_PARAPHRASES],
-        }
-        rates = {attack: self.concept_rate(prompts, judge) for attack, prompts in attacks.items()}
-        if self.config.inversion_steps > 0:
-            rates["learned_embedding"] = self.learned_embedding_rate(root, bases, judge)
-        rates["generic_base_rate"] = self.concept_rate(bases, judge)
-        strongest = max(
-            (k for k in rates if k != "generic_base_rate"), key=lambda k: rates[k]["rate"]
-        )
-        return {
-            "detector": "judge concept head",
-            "rates": rates,
-            "strongest_attack": strongest,
-            "strongest_rate": rates[strongest],
-        }
-
-    def concept_rate(self, prompts: list[str], judge) -> dict:
-        """How often the judge finds the concept in generations from `prompts`."""
-        _, images = self.generate_set(prompts)
-        return rate_of(judge.predict(images)["concept"])
-
-    def learned_embedding_rate(self, root: Path, bases: list[str], judge) -> dict:
-        """Textual inversion on the held-out concept exemplars, then generation with it."""
-        exemplars = ImageFolderDataset(root / "concept_exemplars", self.model.image_size)
-        phrase = f", with {PLACEHOLDER}"
-        captions = [c.replace(CONCEPT_SUFFIX, phrase) for c in exemplars.captions]
-        pixels = exemplars.stacked().float() / 127.5 - 1.0
-        vector = learn_concept_embedding(
-            self.model, pixels, captions, steps=self.config.inversion_steps, seed=self.config.seed
-        )
-        c = self.config
-        images = generate_with_embedding(
-            self.model, [b + phrase for b in bases], vector, self.per_prompt(len(bases)), c.seed,
-            c.scheduler, c.num_inference_steps, c.guidance_scale,
-        )  # fmt: skip
-        return rate_of(judge.predict(images)["concept"])
 
     def run(self) -> dict:
         start = time.perf_counter()
         c = self.config
         self.output.mkdir(parents=True, exist_ok=True)
         train = ImageFolderDataset(c.train_data_dir, self.model.image_size)
-        train_images = images01(train)
-        distinct = distinct_rows(train_images.flatten(1))
+        distinct = distinct_rows(ImageRows(train), c.chunk_size)
         kinds = PromptKinds(train, distinct[1].tolist())
         if c.prompts is not None:
             if not Path(c.prompts).is_file():
@@ -468,16 +403,9 @@ class Auditor:
         samples = ImageFolderDataset(self.samples(prompts, kinds), self.model.image_size)
         generated = images01(samples)
         replication = replication_summary(
-            samples, train, generated, train_images, c.replication_threshold, c.nn_backend,
-            distinct,
+            samples, train, generated, c.replication_threshold, c.nn_backend, distinct,
+            c.chunk_size, self.device,
         )  # fmt: skip
-
-        root = benchmark_root(c.train_data_dir)
-        judge = None
-        if root is not None:
-            from memguard.metrics.judge import JudgeSpec, load_judge
-
-            judge = load_judge(self.judge_spec or JudgeSpec(image_size=self.model.image_size))
         results = {
             "memguard_version": __version__,
             "model": str(Path(c.model).resolve()),
@@ -492,14 +420,17 @@ class Auditor:
             "settings": to_dict(c),
             "samples_dir": str(Path(samples.root).resolve()),
             "replication": replication,
-            "similarity": self.similarity(generated, train_images, judge),
+            "similarity": self.similarity(generated, train),
             "detection": self.detection(list(dict.fromkeys(prompts)), kinds),
         }
         if c.inception is not None:
-            results["inception_quality"] = self.inception_quality(generated, train_images)
-        if root is not None:
-            ordinary = [p for p in dict.fromkeys(samples.captions) if kinds(p) == "ordinary"]
-            results["benchmark"] = self.benchmark(root, ordinary, samples, judge, train)
+            results["inception_quality"] = self.inception_quality(generated, train)
+        if self.plugin is not None:
+            results["benchmark"] = {
+                "name": self.plugin.name,
+                "selected_by": self.selected_by,
+                **self.plugin.measure(self, train, samples, kinds),
+            }
         results["warnings"] = self.warnings
         results["seconds"] = time.perf_counter() - start
         write_json(self.output / RESULTS_FILE, results)
@@ -507,9 +438,10 @@ class Auditor:
         return results
 
 
-def run_audit(config: AuditConfig, judge_spec=None) -> dict:
-    """Run every measure and write `results.json` under `config.output_dir`."""
-    return Auditor(config, judge_spec).run()
+def run_audit(config: AuditConfig, plugin: AuditPlugin | None = None) -> dict:
+    """Run every measure and write `results.json` under `config.output_dir`; `plugin`: a
+    configured audit plugin, used when the audit selects one of its name."""
+    return Auditor(config, plugin).run()
 
 
 def load_results(path: str | Path) -> dict:

@@ -31,7 +31,7 @@ from memguard.config import (
 from memguard.data.folder import DataError
 from memguard.defenses.registry import build_training
 from memguard.defenses.registry import flags as defense_flags
-from memguard.metrics.intervals import format_rate
+from memguard.report.summary import replication_rows, summary_rows, text_lines
 from memguard.train.step import TrainingError
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, TrainingError)
@@ -136,7 +136,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     config = _config(SampleConfig, args)
     prompts = read_prompts(config)
-    model = load_model(config.model)
+    model = load_model(config.model, config.device)
     images = generate(
         model,
         prompts,
@@ -151,37 +151,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     _print(f"{len(images)} images for {len(prompts)} prompts written to {out} (grid: grid.png)")
 
 
-MQ_LABELS = {
-    "iet_mq": "IET's MQ (squared L2, every training row)",
-    "mq_distinct_l2": "MQ variant (plain L2, distinct images; not IET's)",
-}
-
-
-def replication_lines(replication: dict) -> list[str]:
-    """The replication section of results.json, as the audit's summary and `memguard
-    replication` print it."""
-    lines = []
-    for kind, figures in replication["by_prompt_kind"].items():
-        lines += [
-            f"  replication, {kind} prompts, {figures['generations']} generations:",
-            f"    replicas, copies merged: {format_rate(figures['replica_rate'])}",
-            f"    replicas over every row (Gu et al.'s code): "
-            f"{format_rate(figures['replica_rate_all_rows'])}",
-            f"    replicas of their own training image: {format_rate(figures['own_replica_rate'])}",
-        ]
-    for name, label in MQ_LABELS.items():
-        below = replication["mq"][name]["fraction_below"]
-        rates = " / ".join(format_rate(below[t]) for t in ("0.15", "0.3", "0.5"))
-        lines.append(f"  {label} below 0.15 / 0.3 / 0.5: {rates}")
-    return lines
-
-
 def cmd_replication(args: argparse.Namespace) -> None:
     from memguard.audit import images01, load_folders, replication_summary
+    from memguard.io import best_device
 
     samples, train = load_folders(args.samples_dir, args.train_data_dir)
     summary = replication_summary(
-        samples, train, images01(samples), images01(train), args.threshold
+        samples, train, images01(samples), args.threshold, device=best_device(args.device)
     )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +167,7 @@ def cmd_replication(args: argparse.Namespace) -> None:
         f"{summary['overall']['generations']} generations against "
         f"{summary['num_distinct_train_images']} distinct training images "
         f"({summary['num_train_images']} rows), rates with 95% intervals:",
-        *replication_lines(summary),
+        *text_lines(replication_rows(summary)),
     ]
     if args.output:
         lines.append(f"written to {args.output}")
@@ -199,48 +175,12 @@ def cmd_replication(args: argparse.Namespace) -> None:
 
 
 def audit_summary(results: dict) -> str:
-    """The one-screen summary of an audit; rates with their 95% intervals."""
+    """The one-screen summary of an audit (`memguard.report.summary`'s rows, as report.html's
+    table holds them); rates with their 95% intervals."""
     lines = [f"audit of {results['model']} ({results['seconds']:.0f}s), rates with 95% intervals"]
-    lines += replication_lines(results["replication"])
-    detection = results["detection"]
-    if "auc" in detection:
-        lines.append(
-            f"  memorized-prompt detection: AUC {detection['auc']:.3f}, "
-            f"TPR at 1% FPR {detection['tpr_at_1pct_fpr']:.1%} (last ROC point with FPR < 1%)"
-        )
-    if results.get("similarity"):
-        s = results["similarity"]
-        lines.append(
-            f"  similarity ({s['descriptor']}): mean {s['mean']:.3f}, p95 {s['p95']:.3f}, "
-            f"> 0.5: {format_rate(s['above_0.5'])}"
-        )
-    if "inception_quality" in results:
-        quality = results["inception_quality"]
-        lines.append(
-            f"  quality: FID {quality['fid']:.3f}, KID {quality['kid_mean']:.4f} "
-            f"(Inception features, against {quality['reference']})"
-        )
-    benchmark = results.get("benchmark")
-    if benchmark:
-        lines += benchmark_lines(benchmark)
+    lines += text_lines(summary_rows(results))
     lines += [f"  WARNING: {w}" for w in results["warnings"]]
     return "\n".join(lines)
-
-
-def benchmark_lines(benchmark: dict) -> list[str]:
-    """The benchmark section of results.json, as the audit's summary prints it."""
-    accuracy = ", ".join(f"{k} {v:.1%}" for k, v in benchmark["judge"]["heldout_accuracy"].items())
-    quality = benchmark["quality"]
-    lines = [
-        f"  judge held-out accuracy: {accuracy}",
-        f"  quality: FID {quality['fid']:.3f}, KID {quality['kid_mean']:.4f} (judge features), "
-        f"attribute accuracy {format_rate(benchmark.get('attribute_accuracy', {}).get('all'))}",
-    ]
-    if "concept_extraction" in benchmark:
-        rates = benchmark["concept_extraction"]["rates"]
-        lines.append("  concept extraction:")
-        lines += [f"    {k.replace('_', ' ')}: {format_rate(v)}" for k, v in rates.items()]
-    return lines
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -349,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
     replication.add_argument("--train_data_dir", required=True, help="the training image folder")
     replication.add_argument("--threshold", type=float, default=1 / 3, help="d1/d2 threshold")
     replication.add_argument("--output", help="write the full results as JSON here")
+    replication.add_argument(
+        "--device", help="torch device of the search (default: cuda when present, else cpu)"
+    )
     replication.set_defaults(run=cmd_replication)
 
     bench = commands.add_parser(

@@ -307,6 +307,9 @@ class SampleConfig:
     num_inference_steps: int = option(50, "denoising steps")
     guidance_scale: float = option(3.0, "classifier-free guidance scale (1 disables)")
     batch_size: int = option(64, "images denoised at once")
+    device: str | None = option(
+        None, "torch device to sample on ('cuda', 'cuda:1', 'cpu'; default: cuda when present)"
+    )
 
     def __post_init__(self) -> None:
         _require(self.model is not None, "model: required")
@@ -344,8 +347,15 @@ class AuditConfig:
     replication_threshold: float = option(1 / 3, "Gu et al.: replica when d1/d2 is below this")
     nn_backend: str = option(
         "torch",
-        "exact nearest-neighbour search: chunked torch, or faiss",
+        "exact nearest-neighbour search: chunked torch (on --device), or faiss (on the CPU; its "
+        "flat index holds the whole training set)",
         choices=("torch", "faiss"),
+    )
+    chunk_size: int = option(
+        256,
+        "training images (and generations) read, decoded and compared at once: the training set "
+        "is streamed through duplicate merging, the search and the descriptors; the search's "
+        "peak memory is about 32 bytes x chunk_size x 3 x side^2 (6 GiB at 256 images of 512 px)",
     )
     detection_seeds: int = option(16, "Wen et al. detection: starts averaged per prompt")
     detection_steps: int = option(5, "Wen et al. detection: first k sampling steps (0: all)")
@@ -360,6 +370,12 @@ class AuditConfig:
     )
     inversion_steps: int = option(
         300, "concept extraction: textual-inversion steps of the learned-embedding attack (0: off)"
+    )
+    benchmark: str | None = option(
+        None,
+        "audit plugin beside the generic measures: 'shapes' (the benchmark's judge, attributes "
+        "and concept extraction) or 'none' (default: the plugin the dataset declares, as "
+        "'benchmark' in the dataset.json above the training folder)",
     )
     batch_size: int = option(64, "images denoised at once")
     device: str | None = option(
@@ -377,3 +393,4 @@ class AuditConfig:
         _require(self.detection_seeds > 0, "detection_seeds: must be positive")
         _require(self.detection_steps >= 0, "detection_steps: must be >= 0")
         _require(self.inversion_steps >= 0, "inversion_steps: must be >= 0")
+        _require(self.chunk_size > 0, "chunk_size: must be positive")

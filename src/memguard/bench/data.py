@@ -1,7 +1,8 @@
 """The data of a benchmark grid: the shapes benchmark once per data seed, and filtered copies.
 
 `benchmark_data` builds the data for a seed, or reuses the folder when its `dataset.json`
-records the same ShapesConfig (it is written last, so a killed build is rebuilt from scratch).
+records the same ShapesConfig and declares the benchmark (it is written last, so a killed build
+is rebuilt from scratch; a folder written before the declaration is rebuilt, the same data).
 `drop_rows` writes a copy of a training folder without the images whose metadata matches
 (an arm's `drop_where`), once, under a name given by the rule.
 """
@@ -18,14 +19,15 @@ from typing import Any
 
 from memguard.config import ConfigError, ShapesConfig, to_dict
 from memguard.data.folder import METADATA
-from memguard.data.shapes import make_shapes_dataset
+from memguard.data.shapes import BENCHMARK, make_shapes_dataset
 
 
 def benchmark_data(config: ShapesConfig) -> Path:
     """The benchmark folder of `config`, built unless already there with the same config."""
     root = Path(config.output_dir)
     summary = root / "dataset.json"
-    if summary.is_file() and json.loads(summary.read_text())["config"] == to_dict(config):
+    written = json.loads(summary.read_text()) if summary.is_file() else {}
+    if written.get("config") == to_dict(config) and written.get("benchmark") == BENCHMARK:
         return root
     if root.exists():
         shutil.rmtree(root)

@@ -30,6 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from memguard.audit import load_results, run_audit
+from memguard.audit_plugins.shapes import ShapesBenchmark
 from memguard.bench.data import benchmark_data, drop_rows
 from memguard.bench.page import markdown, render_html
 from memguard.bench.reuse import REUSE, TRAIN, audit_reusable, begin_training, plan_training
@@ -103,7 +104,7 @@ def run_one(
             results = load_results(audit_config.output_dir)
         elif audit:
             bar.set_postfix_str(f"{arm.name}, seed {seed}: audit")
-            results = run_audit(audit_config, judge)
+            results = run_audit(audit_config, ShapesBenchmark(judge))
         else:
             results = {}
     train_seconds = metadata.get("train_seconds")

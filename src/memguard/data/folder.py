@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,11 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1], the measures' convention."""
+    return images.float().div(255.0)
+
+
 def fingerprint(records: list[Record]) -> str:
     """SHA-256 over every caption and image file: the identity of a training set."""
     digest = hashlib.sha256()
@@ -152,8 +158,22 @@ class ImageFolderDataset(Dataset):
         """Values of a metadata column (None where a row lacks it)."""
         return [record.columns.get(name) for record in self.records]
 
-    def stacked(self) -> torch.Tensor:
-        """All images as one uint8 tensor (N, 3, H, W): for audits of small folders."""
-        return torch.from_numpy(np.stack([self.pixels(i) for i in range(len(self))])).permute(
-            0, 3, 1, 2
-        )
+    def stacked(self, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """The images at `indices` (default: all) as one uint8 tensor (N, 3, H, W)."""
+        indices = range(len(self)) if indices is None else indices
+        return torch.from_numpy(np.stack([self.pixels(i) for i in indices])).permute(0, 3, 1, 2)
+
+    def chunks(self, size: int, indices: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
+        """The images at `indices` (default: all), in order, as uint8 tensors of at most `size`
+        images each: a folder far larger than memory is read one chunk at a time."""
+        indices = range(len(self)) if indices is None else indices
+        for start in range(0, len(indices), size):
+            yield self.stacked(indices[start : start + size])
+
+
+def unit_batches(images: torch.Tensor | ImageFolderDataset, size: int) -> Iterator[torch.Tensor]:
+    """Images (N, 3, H, W) in [0, 1], or an image folder decoded a batch at a time, as float
+    batches in [0, 1] of at most `size` images."""
+    if isinstance(images, ImageFolderDataset):
+        return (unit_float(chunk) for chunk in images.chunks(size))
+    return (images[start : start + size].float() for start in range(0, len(images), size))

@@ -13,6 +13,9 @@ loader that reads users' data reads this too:
   adversary and feature-mode projection use them).
 - ``prompts/``: the duplicated captions, a sample of ordinary captions and captions naming the
   concept, one per line.
+- ``dataset.json``: the config and counts, and ``"benchmark": "shapes"``, the declaration that
+  makes `memguard audit` of a model trained on ``train/`` run the shapes plugin
+  (`memguard.audit_plugins.shapes`).
 
 Every row records its attributes, whether it carries the concept and its duplicate group (-1 for
 none), so every audit can be scored against ground truth. Everything is a function of the seed.
@@ -41,6 +44,7 @@ BACKGROUNDS = {"black": (20, 20, 20), "white": (240, 240, 240), "gray": (125, 12
 # Colours only the planted duplicates use, so that they look unlike any ordinary image.
 SCENE_BACKGROUNDS = ((0, 110, 110), (120, 70, 30), (230, 150, 170), (60, 30, 90), (170, 190, 60))
 
+BENCHMARK = "shapes"  # the name of the audit plugin this dataset declares in dataset.json
 CONCEPT = "the acme logo"
 CONCEPT_SUFFIX = ", with the acme logo"
 # Descriptions of the concept that avoid its name (the paraphrase attack of concept extraction).
@@ -234,6 +238,7 @@ def make_shapes_dataset(config: ShapesConfig) -> Path:
     _write_lines(root / "prompts" / "concept.txt", named)
 
     summary = {
+        "benchmark": BENCHMARK,  # the declaration that selects the audit's shapes plugin
         "config": to_dict(config),
         "concept": CONCEPT,
         "concept_suffix": CONCEPT_SUFFIX,

@@ -5,7 +5,9 @@ feature extractor for FID/KID on real data (Heusel et al., 2017).
 memguard never downloads weights, and there is no CPU torchvision to build Inception from, so
 both come as scripted modules from local paths (exported once with `torch.jit.script` or
 `torch.jit.trace` wherever the original code runs). A module takes images (N, 3, S, S) in
-[0, 1] and returns one descriptor per image; images are resized to S first.
+[0, 1] and returns one descriptor per image; images are resized to S first. The network runs on
+the device it is loaded to (the audit's), a batch at a time, and descriptors come back on the
+CPU.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ def check_file(path: str | Path, flag: str) -> Path:
 
 
 class ScriptedDescriptor(nn.Module):
-    """A TorchScript descriptor behind a resize to its input size; (N, D) float features."""
+    """A TorchScript descriptor behind a resize to its input size; (N, D) float features on the
+    CPU, computed on `device`."""
 
-    def __init__(self, path: str | Path, flag: str, size: int) -> None:
+    def __init__(
+        self, path: str | Path, flag: str, size: int, device: str | torch.device = "cpu"
+    ) -> None:
         super().__init__()
         path = check_file(path, flag)
+        self.device = torch.device(device)
         try:
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            self.net = torch.jit.load(str(path), map_location=self.device).eval()
         except RuntimeError as error:
             raise ValueError(f"{flag}: {path} is not a TorchScript module ({error})") from None
         self.size = size
@@ -46,7 +52,7 @@ class ScriptedDescriptor(nn.Module):
     def _describe(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:  # torchmetrics probes its feature size with uint8
             images = images.float() / 255.0
-        images = images.float()
+        images = images.to(self.device).float()
         if images.shape[-1] != self.size or images.shape[-2] != self.size:
             images = F.interpolate(images, size=(self.size, self.size), mode="bilinear")
-        return self.net(images).float().flatten(1)
+        return self.net(images).float().flatten(1).cpu()

@@ -7,19 +7,27 @@ trajectory, averaged over a few starts. Memorized prompts pull the trajectory ha
 training image, so d is large. `steps` limits the average to the first k steps (Wen et al. find
 the first step alone already separates well).
 
-Starts: memguard draws the same S starting noises (seeds 0 .. S-1) for every prompt, so prompts
-are compared from the same points (a paired comparison); Wen et al.'s detection draws each
-prompt's starts with seeds of its own. The two agree in expectation, not run by run.
+Starts: memguard draws the same S starting noises (seeds s .. s+S-1, s the audit's seed) for
+every prompt, so prompts are compared from the same points (a paired comparison); Wen et al.'s
+detection draws each prompt's starts with seeds of its own. The two agree in expectation, not
+run by run.
 
 TPR at 1% FPR follows Wen et al.'s evaluation: the true-positive rate of the last point of the
 ROC curve (scikit-learn's `roc_curve`, corners only) whose false-positive rate is strictly below
 0.01.
+
+One implementation, two doors: `roc_auc` and `tpr_at_fpr` score all prompts at once;
+`MemorizationDetection` is a `torchmetrics.Metric` whose `update(scores, memorized)` keeps each
+prompt's d(p) and label as state, concatenated across processes when `compute()` scores them
+with the same functions.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from memguard.io import DiffusionModel
 from memguard.sampling import denoise, initial_noise
@@ -34,14 +42,15 @@ def step_magnitudes(
     guidance_scale: float = 3.0,
     sampler: str = "dpm",
     batch_size: int = 64,
+    seed: int = 0,
 ) -> torch.Tensor:
     """(P, num_inference_steps): ||eps(x_t, p) - eps(x_t, '')|| at each sampling step along the
-    guided trajectory, averaged over `seeds` starts."""
+    guided trajectory, averaged over `seeds` starts (the noises of seeds seed .. seed+seeds-1)."""
     if guidance_scale == 1.0:
         raise ValueError("detection needs guided sampling (guidance_scale != 1)")
     cond = model.encoder.encode(prompts)
     uncond = model.encoder.encode([""])[0]
-    noise = initial_noise(model.sample_shape, 0, seeds)
+    noise = initial_noise(model.sample_shape, seed, seeds)
     jobs = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
     totals = torch.zeros(len(prompts), num_inference_steps, dtype=torch.float64)
     for start in range(0, len(jobs), batch_size):
@@ -114,3 +123,31 @@ def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, max_fpr: float = 0.01) ->
         raise ValueError("max_fpr must be positive: no ROC point has a negative FPR")
     fpr, tpr = roc_points(scores, labels)
     return float(tpr[np.flatnonzero(fpr < max_fpr)[-1]])
+
+
+class MemorizationDetection(Metric):
+    """Wen et al.'s detection figures of memorized (label True) against other prompts from
+    their scores d(p); `compute()` is {"auc": `roc_auc`, "tpr_at_1pct_fpr": `tpr_at_fpr`} of
+    every prompt seen."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("memorized", default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: torch.Tensor, memorized: torch.Tensor) -> None:
+        self.scores.append(torch.as_tensor(scores, dtype=torch.float64, device=self.device))
+        # as integers: not every collective backend gathers booleans
+        self.memorized.append(torch.as_tensor(memorized, device=self.device).long())
+
+    def compute(self) -> dict[str, float]:
+        scores = dim_zero_cat(self.scores).cpu().numpy()
+        labels = dim_zero_cat(self.memorized).cpu().numpy().astype(bool)
+        return {
+            "auc": roc_auc(scores, labels),
+            "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels, 0.01),
+        }

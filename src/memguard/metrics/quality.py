@@ -1,7 +1,8 @@
 """Quality beside memorization, so that no defense wins by breaking the model: FID (Heusel et
 al., 2017) and KID (Binkowski et al., 2018) through torchmetrics, on a pluggable feature
 extractor (the judge's features on the benchmark), and attribute accuracy of generations (a
-rate with its Wilson interval).
+rate with its Wilson interval). Either image set may be an image folder, read a batch at a
+time, so a training set far larger than memory can be the reference.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from memguard.data.folder import ImageFolderDataset, unit_batches
 from memguard.metrics.intervals import rate_of
+
+Images = torch.Tensor | ImageFolderDataset  # (N, 3, H, W) in [0, 1], or a folder of them
 
 _ORDINARY_CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background")
 
 
 @torch.no_grad()
 def fid_kid(
-    real: torch.Tensor,  # (N, 3, H, W) in [0, 1]
-    generated: torch.Tensor,  # (M, 3, H, W) in [0, 1]
+    real: Images,
+    generated: Images,
     extractor: nn.Module,
     kid_subset_size: int = 100,
     kid_subsets: int = 50,
@@ -35,8 +39,7 @@ def fid_kid(
         feature=extractor, normalize=True, subsets=kid_subsets, subset_size=subset
     )
     for images, is_real in ((real, True), (generated, False)):
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].float()
+        for batch in unit_batches(images, batch_size):
             fid.update(batch, real=is_real)
             kid.update(batch, real=is_real)
     with torch.random.fork_rng():

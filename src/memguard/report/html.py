@@ -1,10 +1,10 @@
 """An offline HTML page from an audit's `results.json` alone, and a side-by-side comparison.
 
-The page holds a summary table, a gallery of the most replicated generations beside their
-nearest training images (read from the folders that results.json names), histograms of the
-Gu ratio, the MQ curves (IET's and memguard's variant) and concept-extraction bars; every rate
-with its 95% interval. Plots are matplotlib PNGs and images are inlined as base64, so the file
-opens anywhere with no network.
+The page holds a summary table (the rows of `memguard.report.summary`), a gallery of the most
+replicated generations beside their nearest training images (read from the folders that
+results.json names), histograms of the Gu ratio, the MQ curves (IET's and memguard's variant)
+and concept-extraction bars; every rate with its 95% interval. Plots are matplotlib PNGs and
+images are inlined as base64, so the file opens anywhere with no network.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from memguard.metrics.intervals import format_rate  # noqa: E402
+from memguard.report.summary import summary_rows  # noqa: E402
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -45,63 +45,6 @@ def _image(path: Path) -> str:
     with Image.open(path) as image:
         image.convert("RGB").save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-Row = tuple[str, str, dict | None]  # measure, value as text, the rate behind it (if one)
-
-
-def _rate_row(measure: str, rate: dict | None) -> Row:
-    return measure, format_rate(rate), rate
-
-
-def summary_rows(results: dict) -> list[Row]:
-    """(measure, value, rate) rows: the page's table and the comparison's; every rate written
-    with its 95% interval."""
-    replication = results["replication"]
-    rows = []
-    for kind, figures in replication["by_prompt_kind"].items():
-        rows.append(_rate_row(f"replication, {kind} prompts", figures["replica_rate"]))
-        rows.append(
-            _rate_row(
-                f"replication, {kind} prompts, every row (Gu et al.'s code)",
-                figures["replica_rate_all_rows"],
-            )
-        )
-    for name, label in (("iet_mq", "IET's MQ"), ("mq_distinct_l2", "MQ variant, distinct L2")):
-        rows.append(_rate_row(f"{label} < 0.15", replication["mq"][name]["fraction_below"]["0.15"]))
-    detection = results.get("detection", {})
-    if "auc" in detection:
-        rows.append(("memorized-prompt detection AUC", f"{detection['auc']:.3f}", None))
-    if results.get("similarity"):
-        mean = f"{results['similarity']['mean']:.3f}"
-        rows.append(("similarity to nearest training image, mean", mean, None))
-    if "inception_quality" in results:
-        quality = results["inception_quality"]
-        rows.append(("FID (Inception features)", f"{quality['fid']:.3f}", None))
-        rows.append(("KID (Inception features)", f"{quality['kid_mean']:.4f}", None))
-    benchmark = results.get("benchmark")
-    if benchmark:
-        rows += _benchmark_rows(benchmark)
-    for name, report in (results.get("model_training", {}).get("defenses") or {}).items():
-        if report.get("leak") is not None:
-            rows.append((f"{name}: leak certificate", f"{report['leak']:.2e}", None))
-    return rows
-
-
-def _benchmark_rows(benchmark: dict) -> list[Row]:
-    rows = [
-        ("FID (judge features)", f"{benchmark['quality']['fid']:.3f}", None),
-        ("KID (judge features)", f"{benchmark['quality']['kid_mean']:.4f}", None),
-    ]
-    for key, measure in (
-        ("attribute_accuracy", "attribute accuracy, ordinary prompts"),
-        ("attribute_accuracy_on_concept_captions", "attribute accuracy, concept images' captions"),
-    ):
-        rows.append(_rate_row(measure, benchmark.get(key, {}).get("all")))
-    rates = benchmark.get("concept_extraction", {}).get("rates", {})
-    for attack, rate in rates.items():
-        rows.append(_rate_row(f"concept extraction, {attack.replace('_', ' ')}", rate))
-    return rows
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

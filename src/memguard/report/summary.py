@@ -1,0 +1,100 @@
+"""An audit's figures as rows (measure, value as text, the rate behind it): the one formatter of
+results.json, behind `memguard audit`'s printed summary, `memguard replication`'s lines,
+report.html's table and `memguard compare`. A figure added to results.json is added here once.
+
+Every rate is written with its 95% Wilson interval (`memguard.metrics.intervals`); the sections
+are replication (Gu et al. 2023) and MQ (IET-AGC, Liu et al., ECCV 2024), detection (Wen et al.,
+ICLR 2024), feature similarity (Somepalli et al. 2023), Inception FID/KID, and the section of
+the audit plugin that ran, formatted by that plugin.
+"""
+
+from __future__ import annotations
+
+from memguard.metrics.intervals import format_rate
+
+Row = tuple[str, str, dict | None]  # measure, value as text, the rate behind it (if one)
+
+MQ_LABELS = {
+    "iet_mq": "IET's MQ (squared L2, every training row)",
+    "mq_distinct_l2": "MQ variant (plain L2, distinct images; not IET's)",
+}
+MQ_SHOWN = ("0.15", "0.3", "0.5")
+
+
+def rate_row(measure: str, rate: dict | None) -> Row:
+    return measure, format_rate(rate), rate
+
+
+def replication_rows(replication: dict) -> list[Row]:
+    """Gu et al.'s rates by prompt kind in both conventions, and MQ below a few thresholds."""
+    rows: list[Row] = []
+    for kind, figures in replication["by_prompt_kind"].items():
+        prefix = f"replication, {kind} prompts"
+        rows += [
+            (f"{prefix}, generations", str(figures["generations"]), None),
+            rate_row(f"{prefix}, copies merged", figures["replica_rate"]),
+            rate_row(f"{prefix}, every row (Gu et al.'s code)", figures["replica_rate_all_rows"]),
+            rate_row(f"{prefix}, of their own training image", figures["own_replica_rate"]),
+        ]
+    for name, label in MQ_LABELS.items():
+        below = replication["mq"][name]["fraction_below"]
+        rows += [rate_row(f"{label} < {threshold}", below[threshold]) for threshold in MQ_SHOWN]
+    return rows
+
+
+def detection_rows(detection: dict) -> list[Row]:
+    measure = "memorized-prompt detection"
+    if detection.get("auc") is None:
+        return [(f"{measure} AUC", f"n/a ({detection.get('auc_reason', 'not measured')})", None)]
+    return [
+        (f"{measure} AUC", f"{detection['auc']:.3f}", None),
+        (f"{measure} TPR at 1% FPR (last ROC point with FPR < 1%)",
+         f"{detection['tpr_at_1pct_fpr']:.1%}", None),
+    ]  # fmt: skip
+
+
+def similarity_rows(similarity: dict) -> list[Row]:
+    measure = f"similarity to the nearest training image ({similarity['descriptor']})"
+    return [
+        (f"{measure}, mean", f"{similarity['mean']:.3f}", None),
+        (f"{measure}, 95th percentile", f"{similarity['p95']:.3f}", None),
+        rate_row(f"{measure} > 0.5", similarity["above_0.5"]),
+    ]
+
+
+def inception_rows(quality: dict) -> list[Row]:
+    return [
+        ("FID (Inception features)", f"{quality['fid']:.3f}", None),
+        ("KID (Inception features)", f"{quality['kid_mean']:.4f}", None),
+        ("FID/KID (Inception features) reference", quality["reference"], None),
+    ]
+
+
+def benchmark_rows(section: dict) -> list[Row]:
+    """The plugin's own rows for its section (results.json written before plugins were named
+    holds the shapes benchmark's)."""
+    from memguard.audit_plugins import plugin_class
+
+    return plugin_class(section.get("name", "shapes")).summary_rows(section)
+
+
+def summary_rows(results: dict) -> list[Row]:
+    """Every figure of an audit's results, in the order the summary prints them."""
+    rows = replication_rows(results["replication"])
+    rows += detection_rows(results["detection"])
+    if results.get("similarity"):
+        rows += similarity_rows(results["similarity"])
+    if "inception_quality" in results:
+        rows += inception_rows(results["inception_quality"])
+    if results.get("benchmark"):
+        rows += benchmark_rows(results["benchmark"])
+    for defense in results.get("model_training", {}).get("defenses") or []:  # memguard.json's
+        leak = (defense.get("report") or {}).get("leak")
+        if leak is not None:
+            rows.append((f"{defense['name']}: leak certificate", f"{leak:.2e}", None))
+    return rows
+
+
+def text_lines(rows: list[Row]) -> list[str]:
+    """Rows as the terminal prints them."""
+    return [f"  {measure}: {value}" for measure, value, _ in rows]
