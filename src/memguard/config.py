@@ -217,6 +217,12 @@ class TrainConfig:
     defense: tuple[str, ...] = option(
         (), "defense to attach (repeatable; see memguard.defenses.registry for the names)"
     )
+    augment: str = option(
+        "none",
+        "taa: threshold-aware augmentation (IET-AGC+): the samples AGC keeps near its threshold "
+        "are trained on again through RandAugment; needs --defense agc",
+        choices=("none", "taa"),
+    )
     mixed_precision: str = option(
         "no", "accelerate mixed precision", choices=("no", "fp16", "bf16")
     )
