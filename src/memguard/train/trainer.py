@@ -1,12 +1,13 @@
 """Training a text-conditional diffusion UNet (DDPM): `Trainer` builds the run and hands it to
-its loop.
+its strategy's loop.
 
-Plain training is one `TrainingStep` on every process, gradients averaged over all of them: draw
-the step's randomness (`memguard.train.draws`), cut this process's micro-batches, run the step,
-log, checkpoint. A loop is built from the run's parts (`memguard.train.run`) and the session's
-log, checkpoints and model folder (`memguard.train.session`), which other strategies share. At
-the end the EMA weights go into the model, the defenses report on it, and the model folder is
-written (`memguard.io`).
+Plain training (`--strategy plain`, this module) is one `TrainingStep` on every process,
+gradients averaged over all of them: draw the step's randomness (`memguard.train.draws`), cut
+this process's micro-batches, run the step, log, checkpoint. Iterative ensemble training
+(`--strategy iet`, `memguard.train.iet`) drives one step per proxy model instead. Both loops
+share the run's parts (`memguard.train.run`) and the session's log, checkpoints and model folder
+(`memguard.train.session`). At the end the EMA weights go into the model, the defenses report
+on it, and the model folder is written (`memguard.io`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from memguard.defenses.base import Defense
 from memguard.defenses.registry import record
 from memguard.train.checkpoint import load_unit
 from memguard.train.draws import GlobalBatchSampler
+from memguard.train.iet import IterativeEnsemble
 from memguard.train.run import Run, batches, build_run, make_step, step_inputs
 from memguard.train.session import Session, TrainResult
 
@@ -58,6 +60,7 @@ class Trainer:
 
     >>> Trainer(TrainConfig(train_data_dir="data/train", output_dir="out")).train()
 
+    With `strategy: iet` the defenses are templates: each proxy trains with its own copy.
     `progress=False` hides the progress bar (a caller showing its own, as `memguard bench`).
     """
 
@@ -71,4 +74,6 @@ class Trainer:
     def train(self) -> TrainResult:
         session = Session(self.config, self.progress)
         run = build_run(self.config, session.device)
+        if self.config.strategy == "iet":
+            return IterativeEnsemble(session, run, self.defenses).train()
         return train_plain(session, run, self.defenses)
