@@ -28,6 +28,7 @@ from helpers import (
     train_tiny,
 )
 from memguard import Trainer
+from memguard.bench import load_spec
 from memguard.config import ConfigError
 from memguard.defenses import TrainingContext
 from memguard.defenses.registry import build_training
@@ -268,3 +269,16 @@ def test_lora_proxies_average_their_adapters_over_one_base(shapes_dir, pipeline_
     changed = {k for k in base if not torch.equal(fused[k], base[k])}
     targets = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
     assert changed and all(k.endswith(targets) for k in changed), sorted(changed)
+
+
+def test_the_bench_spec_compares_arms_on_equal_sample_budgets() -> None:
+    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "bench" / "iet.yaml")
+    assert [arm.name for arm in spec.arms] == ["plain", "agc", "iet", "iet_agc", "iet_agc_plus"]
+    assert spec.seeds == (0, 1, 2)
+    budgets = set()
+    for arm in spec.arms:
+        config, defenses = spec.train_config(arm, 0, "/d", "/d/train", "/runs/arm")
+        budgets.add(config.max_train_steps * config.train_batch_size)
+        if arm.name == "iet_agc_plus":
+            assert [d.name for d in defenses] == ["agc", "taa"] and config.redistribute == 0.2
+    assert budgets == {3000 * 64}
