@@ -133,6 +133,27 @@ def test_proxies_are_averaged_by_shard_size() -> None:
         assert all(torch.equal(s, torch.full_like(s, 20.0)) for s in step.ema.shadow_params)
 
 
+def test_a_proxy_moved_away_and_back_trains_on_as_one_that_stayed() -> None:
+    """What a GPU run does between a proxy's turns (here between two names of the CPU): its
+    weights, AdamW moments and EMA weights go and come back unchanged."""
+    moved, stayed = _step(1.0), _step(1.0)
+    for _ in range(3):
+        for step in (moved, stayed):
+            step.model(torch.ones(4, 3)).square().sum().backward()
+            step.optimizer.step()
+            step.optimizer.zero_grad()
+            step.ema.step(step.params)
+        moved.to("cpu:0")
+        assert moved.device == torch.device("cpu:0")
+        moved.to("cpu")
+    for a, b in zip(moved.params, stayed.params, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(
+            moved.optimizer.state[a]["exp_avg_sq"], stayed.optimizer.state[b]["exp_avg_sq"]
+        )
+    assert all(map(torch.equal, moved.ema.shadow_params, stayed.ema.shadow_params))
+
+
 def test_the_step_budget_counts_every_proxys_steps(shapes_dir: Path, tmp_path: Path) -> None:
     metadata = train_tiny(shapes_dir / "train", tmp_path / "iet", **IET, checkpointing_steps=12)
     assert metadata["global_step"] == 12

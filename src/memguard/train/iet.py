@@ -81,8 +81,8 @@ def proxies_of(rank: int, world_size: int, num_proxies: int) -> range:
 
 def proxy_models(unet: torch.nn.Module, count: int) -> Iterator[torch.nn.Module]:
     """`count` models that start from `unet`'s weights, one at a time: copies of `unet` sharing
-    its frozen parameters and buffers, then `unet` itself (offload each before taking the next,
-    and the device holds one copy at a time)."""
+    its frozen parameters and buffers, then `unet` itself (offload each copy before taking the
+    next, and the device holds `unet` and one copy at a time)."""
     shared = [p for p in unet.parameters() if not p.requires_grad] + list(unet.buffers())
     for _ in range(count - 1):
         yield copy.deepcopy(unet, memo={id(tensor): tensor for tensor in shared})
@@ -118,6 +118,11 @@ class IterativeEnsemble:
     def __init__(self, session: Session, run: Run, defenses: Sequence[Defense]) -> None:
         cfg = self.config = session.config
         self.session, self.run = session, run
+        if len(run.dataset) < cfg.num_proxies:
+            raise ConfigError(
+                f"num_proxies: {cfg.num_proxies} shards of {len(run.dataset)} images would "
+                "leave some empty"
+            )
         world = session.world
         self.mine = proxies_of(world.rank, world.size, cfg.num_proxies)
         self.steps: dict[int, TrainingStep] = {}
