@@ -240,7 +240,7 @@ def test_killed_run_resumes_mid_round_to_the_same_weights(shapes_dir, tmp_path) 
     assert latest["round_steps"] > 0  # in the middle of a round
 
     config, defenses = tiny_run(data, tmp_path / "killed", **run, resume_from_checkpoint="latest")
-    result = Trainer(config, defenses, progress=False).train_tiny()
+    result = Trainer(config, defenses, progress=False).train()
     assert result.steps_run == 36 - latest["step"]
     assert_same_weights(tmp_path / "full", tmp_path / "killed")
 
