@@ -1,4 +1,4 @@
-"""Shared fixtures: a small shapes benchmark at 8 px and a tiny-model training config."""
+"""Shared fixtures: a small shapes benchmark at 8 px and a tiny Stable Diffusion pipeline."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from helpers import make_tiny_stable_diffusion  # noqa: E402
 from memguard.config import ShapesConfig  # noqa: E402
 from memguard.data.shapes import make_shapes_dataset  # noqa: E402
 
@@ -35,3 +36,9 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small benchmark, written once per session; tests must not modify it."""
     root = tmp_path_factory.mktemp("shapes")
     return make_shapes_dataset(ShapesConfig(output_dir=str(root), seed=0, **SMALL_SHAPES))
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable-Diffusion-shaped pipeline folder, written once per session."""
+    return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -53,6 +54,20 @@ def tiny_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
 def tiny_run(data_dir: Path, output_dir: Path, **overrides) -> tuple[TrainConfig, list[Defense]]:
     """The TrainConfig and defenses `memguard train` builds from `tiny_settings`."""
     return build_training(tiny_settings(data_dir, output_dir, **overrides), source="test")
+
+
+# AGC settings under which it skips, and threshold-aware augmentation augments, within a few
+# steps of the tiny preset: the bank remembers only the last loss (momentum 0) of 4 timesteps.
+ACTIVE_AGC = {"defense": ["agc"], "agc_gamma": 1.0, "agc_momentum": 0.0, "num_train_timesteps": 4}
+
+
+def train_tiny(data_dir: Path, output_dir: Path, **overrides) -> dict:
+    """Train `tiny_run`'s model and defenses; the model folder's memguard.json."""
+    from memguard.train.trainer import Trainer
+
+    config, defenses = tiny_run(data_dir, output_dir, **overrides)
+    Trainer(config, defenses, progress=False).train()
+    return json.loads((Path(output_dir) / "memguard.json").read_text())
 
 
 def _byte_characters() -> list[str]:

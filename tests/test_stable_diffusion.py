@@ -11,16 +11,11 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from helpers import make_tiny_stable_diffusion, tiny_config
+from helpers import tiny_config
 from memguard import Trainer
 from memguard.config import ConfigError
 from memguard.io import load_model
 from memguard.sampling import generate
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
 
 
 def _sd_config(shapes_dir: Path, pipeline_dir: Path, output: Path, **overrides):

@@ -142,6 +142,8 @@ def _require(condition: bool, message: str) -> None:
 
 # ------------------------------------------------------------------------------------ configs
 
+IET_ONLY = ("num_proxies", "rounds", "shard_by", "redistribute")  # settings of --strategy iet
+
 # Settings of a from-scratch model that a pretrained pipeline brings itself (None: the default).
 FROM_SCRATCH_ONLY = ("model_preset", "num_train_timesteps", "beta_schedule", "prediction_type")
 SCRATCH_DEFAULTS = {
@@ -176,8 +178,10 @@ class TrainConfig:
     max_text_length: int = option(16, "tokens per caption for the MiniLM encoder")
     resolution: int = option(16, "images are resized and center-cropped to this size")
     random_flip: bool = option(False, "flip images horizontally at random")
-    train_batch_size: int = option(64, "batch size per process")
-    max_train_steps: int = option(3000, "optimizer steps to train for")
+    train_batch_size: int = option(64, "batch size per process (with --strategy iet: per proxy)")
+    max_train_steps: int = option(
+        3000, "optimizer steps to train for (with --strategy iet: of all proxies together)"
+    )
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     learning_rate: float = option(1e-3, "AdamW learning rate")
     lr_scheduler: str = option(
@@ -217,6 +221,34 @@ class TrainConfig:
     defense: tuple[str, ...] = option(
         (), "defense to attach (repeatable; see memguard.defenses.registry for the names)"
     )
+    augment: str = option(
+        "none",
+        "taa: threshold-aware augmentation (IET-AGC+): the samples AGC keeps near its threshold "
+        "are trained on again through RandAugment; needs --defense agc",
+        choices=("none", "taa"),
+    )
+    strategy: str = option(
+        "plain",
+        "plain: one model, data parallel over the processes; iet: iterative ensemble training "
+        "(Liu et al., ECCV 2024): proxies train apart on disjoint shards and are averaged "
+        "every round",
+        choices=("plain", "iet"),
+    )
+    num_proxies: int | None = option(None, "iet: proxy models, one per shard (required)")
+    rounds: int | None = option(
+        None, "iet: training rounds, each ended by averaging the proxies (required)"
+    )
+    shard_by: str | None = option(
+        None,
+        "iet: metadata column whose values are spread evenly over the shards (e.g. "
+        "duplicate_group; default: a seeded random split)",
+    )
+    redistribute: float | None = option(
+        None,
+        "iet: memory-sample redistribution (IET-AGC+): after rounds 1, 3, ... (never the last) "
+        "each proxy hands the fraction P of its shard that AGC skipped most to the next proxy, "
+        "instead of averaging; 0.2 is the paper's (default: off); needs --defense agc",
+    )
     mixed_precision: str = option(
         "no", "accelerate mixed precision", choices=("no", "fp16", "bf16")
     )
@@ -228,6 +260,48 @@ class TrainConfig:
     )
     logging_steps: int = option(25, "write a log line every N steps")
     dataloader_num_workers: int = option(0, "data-loading worker processes")
+
+    def _check_strategy(self) -> None:
+        given = [key for key in IET_ONLY if getattr(self, key) is not None]
+        if self.strategy != "iet":
+            _require(
+                not given,
+                f"{', '.join(given)}: settings of --strategy iet, not of --strategy "
+                f"{self.strategy}",
+            )
+            return
+        for key in ("num_proxies", "rounds"):
+            _require(getattr(self, key) is not None, f"{key}: required with --strategy iet")
+        _require(self.num_proxies >= 2, "num_proxies: an ensemble needs at least 2 proxies")
+        _require(self.rounds >= 1, "rounds: must be >= 1")
+        per_round = self.num_proxies * self.rounds
+        if self.max_train_steps % per_round:
+            below = self.max_train_steps // per_round * per_round
+            nearest = " or ".join(str(n) for n in (below, below + per_round) if n > 0)
+            raise ConfigError(
+                "max_train_steps: with --strategy iet it counts the optimizer steps of all "
+                "proxies together (so the samples trained on are plain training's "
+                "max_train_steps x train_batch_size x gradient_accumulation_steps), and each "
+                "proxy trains max_train_steps / (num_proxies x rounds) steps a round: "
+                f"{self.max_train_steps} is not a multiple of {self.num_proxies} x "
+                f"{self.rounds} = {per_round} (nearest: {nearest})"
+            )
+        if self.redistribute is not None:
+            _require(0.0 <= self.redistribute < 1.0, "redistribute: the fraction must be in [0, 1)")
+            _require(
+                "agc" in self.defense,
+                "redistribute: moves the samples AGC skipped most; add --defense agc",
+            )
+            _require(
+                self.redistribute == 0.0 or self.rounds >= 2,
+                "redistribute: happens after rounds 1, 3, ... but never after the last, which "
+                "averages; needs --rounds >= 2",
+            )
+
+    @property
+    def steps_per_round(self) -> int:
+        """iet: the optimizer steps each proxy trains in a round."""
+        return self.max_train_steps // (self.num_proxies * self.rounds)
 
     def scratch(self, key: str):
         """A from-scratch setting, its default when not given."""
@@ -250,6 +324,7 @@ class TrainConfig:
             f"defense: {list(self.defense)} names a defense twice",
         )
         _require(self.logging_steps > 0, "logging_steps: must be positive")
+        self._check_strategy()
         if self.pretrained_model_name_or_path is not None:
             for key in FROM_SCRATCH_ONLY:
                 _require(

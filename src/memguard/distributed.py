@@ -57,6 +57,14 @@ class Group:
         dist.all_gather(parts, value, group=self.handle)
         return torch.cat(parts)
 
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every process's `value` (anything picklable), in rank order ([value] on one process)."""
+        if self.size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, value, group=self.handle)
+        return gathered
+
     def average_(self, tensors: Iterable[torch.Tensor], weight: float | None = None) -> None:
         """In place, each tensor becomes its mean over the group, or with `weight` the sum of
         weight * tensor (weights that sum to one over the group). One all-reduce of a flat

@@ -1,14 +1,16 @@
 """Defenses that attach to a training step through the protocol of `memguard.defenses.base`."""
 
-from memguard.defenses.agc import AGCConfig, AntiGradientControl
+from memguard.defenses.agc import AGCConfig, AGCDecision, AntiGradientControl
 from memguard.defenses.base import Defense, TrainingContext, combined_weights, weighted_mean
 from memguard.defenses.projection_feature import FeatureProjection, FeatureProjectionConfig
 from memguard.defenses.projection_image import ImageProjection, ImageProjectionConfig
 from memguard.defenses.projection_text import TextProjection, TextProjectionConfig
 from memguard.defenses.registry import KINDS, build_defenses, rebuild, record
+from memguard.defenses.taa import TAAConfig, ThresholdAwareAugmentation
 
 __all__ = [
     "AGCConfig",
+    "AGCDecision",
     "AntiGradientControl",
     "Defense",
     "FeatureProjection",
@@ -16,8 +18,10 @@ __all__ = [
     "ImageProjection",
     "ImageProjectionConfig",
     "KINDS",
+    "TAAConfig",
     "TextProjection",
     "TextProjectionConfig",
+    "ThresholdAwareAugmentation",
     "TrainingContext",
     "build_defenses",
     "combined_weights",

@@ -9,11 +9,14 @@ backward still runs on every process.
 
 Under data parallelism every process gathers the global batch's losses and timesteps, so the
 banks, the masks and the skip counts are the same on every process. Skip counts per training
-sample are kept for memory-sample redistribution (IET-AGC+).
+sample are kept for memory-sample redistribution (IET-AGC+), and each batch's decision (which
+samples were kept, and each sample's margin |gamma l_i - B[t_i]| / B[t_i] to the threshold) is
+left in `last` for threshold-aware augmentation (IET-AGC+, `memguard.defenses.taa`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +43,14 @@ class AGCConfig:
             raise ConfigError(f"agc_momentum: must be in [0, 1), got {self.momentum}")
 
 
+@dataclass(frozen=True)
+class AGCDecision:
+    """AGC's decision on one micro-batch of the group, samples in rank order."""
+
+    keep: torch.Tensor  # (group batch,) bool: the samples that stay in the loss
+    margin: torch.Tensor  # (group batch,) float64: |gamma l - B[t]| / B[t]; inf where B[t] = 0
+
+
 class AntiGradientControl(Defense):
     """Mask samples with gamma * loss below the running loss of their timestep.
 
@@ -58,6 +69,7 @@ class AntiGradientControl(Defense):
         self.bank = torch.zeros(num_timesteps or 0, dtype=torch.float64)
         self.skip_counts: dict[int, int] = {}
         self.seen = self.skipped = 0
+        self.last: AGCDecision | None = None  # the decision on the latest micro-batch
 
     def setup(self, model, optimizer, ctx: TrainingContext) -> None:
         """Size the bank from the run's noise scheduler (one entry per training timestep)."""
@@ -79,7 +91,10 @@ class AntiGradientControl(Defense):
     ) -> torch.Tensor | None:
         losses = ctx.gather(per_sample_loss.detach().double()).cpu()
         timesteps = ctx.gather(batch["timesteps"]).cpu()
-        keep = self.gamma * losses >= self.bank[timesteps]  # before this batch's update
+        bank = self.bank[timesteps]  # before this batch's update
+        keep = self.gamma * losses >= bank
+        margin = (self.gamma * losses - bank).abs() / bank
+        self.last = AGCDecision(keep, torch.where(bank > 0, margin, math.inf))
         for loss, t in zip(losses.tolist(), timesteps.tolist(), strict=True):
             self.bank[t] = self.momentum * self.bank[t] + (1.0 - self.momentum) * loss
         self.seen += len(keep)

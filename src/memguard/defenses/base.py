@@ -14,6 +14,7 @@ their own. Every hook of the base class is a no-op, so a defense overrides only 
                                              (adversarial fine-tuning, regularisers)
     after_backward(model, ctx)               after the gradient all-reduce (gradient projection)
     after_step(model, ctx)                   after optimizer.step() (update re-projection)
+    connect(peers)                           the defenses it `needs`, by name (TAA reads AGC)
     state_dict() / load_state_dict(state)    everything a resume needs
     report() -> dict                         what it did, for the run log and memguard.json
     detach()                                 remove every hook; the model is left as it was
@@ -22,8 +23,10 @@ The sample hook returns per-sample weights rather than a scalar so that several 
 (their weights multiply) and so that the reduction over the group's batch lives in one place,
 `weighted_mean`, which is exact under data parallelism. What a hook may need about the run is in
 `TrainingContext`: the process group its reductions run in, the step, the noise scheduler, the
-text encoder and the VAE. What only one defense needs (exemplar folders, a resolution, a seed)
-is given to that defense's constructor.
+text encoder, the VAE and the loss's min-SNR weighting (`sample_losses` is the step's loss, for a
+defense that trains on a batch of its own). What only one defense needs (exemplar folders, a
+resolution, a seed) is given to that defense's constructor; a defense that reads another's
+decisions names it in `needs` and is handed it by `connect` when the registry builds them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memguard.diffusion import min_snr_weights, per_sample_loss
 from memguard.distributed import Group
 
 
@@ -48,6 +52,7 @@ class TrainingContext:
     scheduler: Any = None  # the training noise scheduler (diffusers DDPMScheduler)
     text_encoder: Any = None  # memguard.data.text.TextEncoder of the run, when known
     vae: Any = None  # the VAE of a latent model; None in pixel space
+    snr_gamma: float = 0.0  # min-SNR-gamma weighting of the loss (0: off)
 
     @property
     def world_size(self) -> int:
@@ -68,12 +73,16 @@ class Defense:
     name = "defense"
     config_class: type | None = None  # its settings' dataclass, when `memguard train` builds it
     config: Any = None  # the settings it was built from (recorded in memguard.json)
+    needs: tuple[str, ...] = ()  # names of the defenses it reads, handed to `connect`
 
     @classmethod
     def for_run(cls, config: Any, run: Any) -> Defense:
         """The defense `memguard train` attaches: built from its settings (`config_class`) and
         what it needs of the run (`run`: the TrainConfig, e.g. its data folder or seed)."""
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+
+    def connect(self, peers: dict[str, Defense]) -> None:
+        """Given the defenses named in `needs` (name -> the instance on the same step)."""
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: TrainingContext):
         """Called once before the first step, with the unwrapped model and the optimizer."""
@@ -107,6 +116,18 @@ class Defense:
 
     def detach(self) -> None:
         """Remove anything attached to the model or optimizer."""
+
+
+def sample_losses(model: nn.Module, batch: dict, ctx: TrainingContext) -> torch.Tensor:
+    """The training loss of each sample of `batch` (x0, noise, timesteps, encoder_hidden_states),
+    (B,): the denoising loss, with min-SNR weights when the run asks for them."""
+    losses = per_sample_loss(
+        model, ctx.scheduler, batch["x0"], batch["encoder_hidden_states"], batch["timesteps"],
+        batch["noise"],
+    )  # fmt: skip
+    if ctx.snr_gamma > 0:
+        losses = losses * min_snr_weights(ctx.scheduler, batch["timesteps"], ctx.snr_gamma)
+    return losses
 
 
 def combined_weights(

@@ -5,7 +5,9 @@ YAML key) that sets them; a defense with modes (gradient projection) has one cla
 settings dataclass, per mode, chosen by its mode flag. Settings are validated when a defense is
 built: a flag of a defense the run does not attach, or of another mode, is an error naming it.
 Each attached defense is recorded in `memguard.json` as its name and settings (and its report),
-from which `rebuild` makes it again.
+from which `rebuild` makes it again. Most are attached by `--defense NAME`; threshold-aware
+augmentation by `--augment taa`. A defense that reads another (TAA reads AGC) names it in
+`needs`: building it without that one is an error, and it is connected to it once built.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from memguard.defenses.base import Defense
 from memguard.defenses.projection_feature import FeatureProjection
 from memguard.defenses.projection_image import ImageProjection
 from memguard.defenses.projection_text import TextProjection
+from memguard.defenses.taa import ThresholdAwareAugmentation
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,12 @@ class DefenseKind:
     classes: dict[str, type[Defense]]  # by mode; a defense without modes has one, under ""
     mode_flag: str | None = None
     mode_help: str = ""
+    attached_by: str = "defense"  # the TrainConfig key that attaches it: --defense, --augment
+
+    @property
+    def flag(self) -> str:
+        """How a run attaches it: '--defense agc', '--augment taa'."""
+        return f"--{self.attached_by} {self.name}"
 
     @property
     def default_mode(self) -> str:
@@ -48,6 +57,7 @@ KINDS: dict[str, DefenseKind] = {
             mode_help="projection: guard cross-attention keys/values (text), image-feature "
             "layers (feature) or the prediction's gradient in image space (image)",
         ),
+        DefenseKind("taa", {"": ThresholdAwareAugmentation}, attached_by="augment"),
     )
 }
 
@@ -125,7 +135,7 @@ def build_defenses(
     for flag in settings:
         owners = _owners(flag)
         if not any(kind.name in chosen for kind, _ in owners):
-            needs = " or ".join(sorted({f"--defense {kind.name}" for kind, _ in owners}))
+            needs = " or ".join(sorted({kind.flag for kind, _ in owners}))
             raise ConfigError(
                 f"{source}: {flag}: a setting of {needs}, which this run does not use"
             )
@@ -136,13 +146,20 @@ def build_defenses(
                 f"{source}: {flag}: a setting of {kind.mode_flag} {modes}, not of "
                 f"{kind.mode_flag} {chosen[kind.name]}"
             )
-    defenses = []
+    built: dict[str, Defense] = {}
     for name, mode in chosen.items():
         cls = KINDS[name].classes[mode]
         fields = {_flag_of(f): f.name for f in dataclasses.fields(cls.config_class)}
         values = {fields[flag]: v for flag, v in settings.items() if flag in fields}
-        defenses.append(cls.for_run(build(cls.config_class, values, source=source), run))
-    return defenses
+        built[name] = cls.for_run(build(cls.config_class, values, source=source), run)
+    for name, defense in built.items():
+        missing = [need for need in defense.needs if need not in built]
+        if missing:
+            raise ConfigError(
+                f"{source}: {KINDS[name].flag} needs {', '.join(KINDS[m].flag for m in missing)}"
+            )
+        defense.connect({need: built[need] for need in defense.needs})
+    return list(built.values())
 
 
 def build_training(
@@ -152,7 +169,11 @@ def build_training(
     the command line's flags share it); unknown keys are errors naming them."""
     train, defense = split_settings(values)
     config = build(TrainConfig, train, source=source)
-    return config, build_defenses(config.defense, defense, config, source)
+    for name in config.defense:
+        if name in KINDS and KINDS[name].attached_by != "defense":
+            raise ConfigError(f"{source}: defense: '{name}' is attached by {KINDS[name].flag}")
+    names = config.defense + (() if config.augment == "none" else (config.augment,))
+    return config, build_defenses(names, defense, config, source)
 
 
 def defense_settings(defense: Defense) -> dict[str, Any] | None:

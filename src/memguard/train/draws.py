@@ -5,6 +5,11 @@ guidance, Ho & Salimans 2022) and the flips are drawn for the whole effective ba
 and each process and micro-batch takes its slice. Hence a killed run resumed from a checkpoint,
 the same run on N processes, and the same run with gradient accumulation give the weights of
 one uninterrupted process on the same batch.
+
+A model that trains apart from others (an IET proxy) has streams of its own: plain training's
+draws with a seed derived from (seed, proxy), `derive_seed`. The step's generator stays
+readable after its draws (`StepDraws.generator`), so a defense that draws more (threshold-aware
+augmentation) is as reproducible as the step.
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+
+def derive_seed(*key: int) -> int:
+    """A 31-bit seed that is a function of `key` alone, e.g. (seed, proxy) for a proxy's
+    draws; unrelated to the seeds of other keys."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint32)[0] >> 1)
 
 
 class StepDraws:
@@ -34,6 +45,12 @@ class StepDraws:
         self.dropped = torch.rand(size, generator=self._generator) < caption_dropout
         self.flipped = torch.rand(size, generator=self._generator) < 0.5
         self._noise: torch.Tensor | None = None
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The step's generator: what a defense draws more from, once the micro-batches (their
+        noise included) are drawn."""
+        return self._generator
 
     def noise(self, shape: torch.Size) -> torch.Tensor:
         """Standard normal noise (size, *shape), drawn on first use (latent shapes vary)."""

@@ -23,8 +23,13 @@ import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
-from memguard.defenses.base import Defense, TrainingContext, combined_weights, weighted_mean
-from memguard.diffusion import min_snr_weights, per_sample_loss
+from memguard.defenses.base import (
+    Defense,
+    TrainingContext,
+    combined_weights,
+    sample_losses,
+    weighted_mean,
+)
 
 AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,7 +43,8 @@ class TrainingStep:
 
     A micro-batch is a dict with "x0" (B, C, H, W) clean model inputs, "noise" like x0,
     "timesteps" (B,), "encoder_hidden_states" (B, L, d), and whatever the defenses read
-    ("captions", "indices"). The context's group is the group gradients are averaged in.
+    ("captions", "indices", "pixels": the clean images before the VAE, "generator": the step's
+    generator). The context's group is the group gradients are averaged in.
     """
 
     def __init__(
@@ -50,13 +56,12 @@ class TrainingStep:
         defenses: Sequence[Defense] = (),
         ema: EMAModel | None = None,
         max_grad_norm: float = 0.0,
-        snr_gamma: float = 0.0,
         mixed_precision: str = "no",
     ) -> None:
         self.model, self.optimizer, self.lr_schedule = model, optimizer, lr_schedule
         self.ctx, self.defenses, self.ema = context, list(defenses), ema
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.max_grad_norm, self.snr_gamma = max_grad_norm, snr_gamma
+        self.max_grad_norm = max_grad_norm
         self.device = self.params[0].device
         self.autocast_dtype = AUTOCAST[mixed_precision]
         self.scaler = torch.amp.GradScaler(
@@ -69,24 +74,18 @@ class TrainingStep:
             defense.setup(self.model, self.optimizer, self.ctx)
 
     def loss(self, batch: dict, micro_batches: int) -> torch.Tensor:
-        """This process's share of the step's loss on one micro-batch."""
+        """This process's share of the step's loss on one micro-batch (the extra losses' forward
+        passes under the same autocast as the step's)."""
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
-            losses = per_sample_loss(
-                self.model, self.ctx.scheduler, batch["x0"], batch["encoder_hidden_states"],
-                batch["timesteps"], batch["noise"],
-            )  # fmt: skip
-        if self.snr_gamma > 0:
-            losses = losses * min_snr_weights(
-                self.ctx.scheduler, batch["timesteps"], self.snr_gamma
-            )
-        weights = combined_weights(self.defenses, losses, batch, self.ctx)
-        loss = weighted_mean(losses, weights, self.ctx)
-        for defense in self.defenses:
-            extra = defense.extra_loss(self.model, batch, self.ctx)
-            if extra is not None:
-                loss = loss + extra
+            losses = sample_losses(self.model, batch, self.ctx)
+            weights = combined_weights(self.defenses, losses, batch, self.ctx)
+            loss = weighted_mean(losses, weights, self.ctx)
+            for defense in self.defenses:
+                extra = defense.extra_loss(self.model, batch, self.ctx)
+                if extra is not None:
+                    loss = loss + extra
         return loss / micro_batches
 
     def __call__(self, micro_batches: Sequence[dict]) -> float:
@@ -121,6 +120,22 @@ class TrainingStep:
             self.ema.step(self.params)
         self.ctx.step += 1
         return float(np.mean(values))
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the training state (the trainable weights, the optimizer's state, the EMA
+        weights) to `device`; frozen weights and buffers stay where they are. An IET proxy
+        waits on the CPU while the others train."""
+        device = torch.device(device)
+        if device == self.device:
+            return
+        for param in self.params:
+            param.data = param.data.to(device)
+        # torch's own rule for moving optimizer state with its parameters (AdamW's step counts
+        # stay on the CPU)
+        self.optimizer.load_state_dict(self.optimizer.state_dict())
+        if self.ema is not None:
+            self.ema.to(device)
+        self.device = device
 
     def finish(self) -> list[Defense]:
         """End of training: the EMA weights (when kept) go into the model, then the defenses

@@ -1,0 +1,172 @@
+"""What a run is built from, and what a step is fed: the parts every training strategy shares.
+
+`build_run` loads a run's data (validated up front), its frozen text encoder with the cached
+caption states, and its model: a from-scratch preset UNet on pixels, or a local Stable
+Diffusion UNet on VAE latents, full or LoRA. `make_step` wraps a model in a `TrainingStep`
+(AdamW, the lr schedule, EMA, the defenses, the process group its gradients are averaged in).
+`step_inputs` cuts this process's micro-batches of one optimizer step from a batch iterator and
+the step's draws (`memguard.train.draws`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from memguard.config import ConfigError, TrainConfig
+from memguard.data.folder import ImageFolderDataset
+from memguard.data.text import CaptionEmbeddings, CLIPEncoder, MiniLMEncoder, TextEncoder
+from memguard.defenses.base import Defense, TrainingContext
+from memguard.diffusion import to_latents
+from memguard.distributed import Group
+from memguard.models import add_lora, build_unet, load_stable_diffusion, noise_scheduler
+from memguard.train.draws import StepDraws
+from memguard.train.step import TrainingStep
+
+
+@dataclass
+class Run:
+    """What a run is built from its config: data, conditioning and the model's parts."""
+
+    dataset: ImageFolderDataset
+    encoder: TextEncoder
+    embeddings: CaptionEmbeddings
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    scheduler: object  # the training noise scheduler
+
+
+def build_run(config: TrainConfig, device: torch.device) -> Run:
+    """Load the data (validated up front), the text encoder and the model, seeded."""
+    dataset = ImageFolderDataset(
+        config.train_data_dir, config.resolution, config.image_column, config.caption_column
+    )
+    if config.text_encoder == "clip":
+        encoder: TextEncoder = CLIPEncoder(config.pretrained_model_name_or_path)
+    else:
+        encoder = MiniLMEncoder(max_length=config.max_text_length)
+    embeddings = CaptionEmbeddings(encoder, dataset.captions)
+    set_seed(config.seed)
+    if config.pretrained_model_name_or_path is not None:
+        sd = load_stable_diffusion(config.pretrained_model_name_or_path)
+        unet, vae, scheduler = sd.unet, sd.vae, sd.scheduler
+        if config.lora_rank > 0:
+            add_lora(unet, config.lora_rank)
+        vae.to(device)
+    else:
+        unet = build_unet(config.scratch("model_preset"), config.resolution, encoder.hidden_size)
+        vae = None
+        scheduler = noise_scheduler(
+            config.scratch("num_train_timesteps"), config.scratch("beta_schedule"),
+            config.scratch("prediction_type"),
+        )  # fmt: skip
+    if unet.config.cross_attention_dim != encoder.hidden_size:
+        raise ConfigError(
+            f"text_encoder: '{config.text_encoder}' gives states of width {encoder.hidden_size}, "
+            f"the UNet expects {unet.config.cross_attention_dim}"
+        )
+    return Run(dataset, encoder, embeddings, unet.to(device), vae, scheduler)
+
+
+def make_step(
+    config: TrainConfig,
+    run: Run,
+    model: torch.nn.Module,
+    defenses: Sequence[Defense],
+    group: Group,
+    total_steps: int,
+) -> TrainingStep:
+    """The training step of `model` (the run's UNet, or a copy of it): AdamW, the lr schedule
+    over `total_steps` optimizer steps, EMA, the defenses; gradients averaged in `group`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_schedule = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=total_steps,
+    )
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(params, decay=config.ema_decay)
+        ema.to(params[0].device)
+    context = TrainingContext(
+        group=group, scheduler=run.scheduler, text_encoder=run.encoder, vae=run.vae,
+        snr_gamma=config.snr_gamma,
+    )  # fmt: skip
+    return TrainingStep(
+        model, optimizer, lr_schedule, context, defenses, ema,
+        max_grad_norm=config.max_grad_norm, mixed_precision=config.mixed_precision,
+    )  # fmt: skip
+
+
+def batches(config: TrainConfig, dataset: Dataset, sampler: Sampler) -> Iterator[dict]:
+    """The batches `sampler` draws from `dataset`, loaded."""
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.dataloader_num_workers)
+    return iter(loader)
+
+
+def micro_batch(
+    config: TrainConfig, run: Run, batch: dict, draws: StepDraws, share: slice, device
+) -> dict:
+    """The step's inputs for this process's micro-batch `batch`, on `device`: clean images (or
+    latents), their slice of the step's noise and timesteps, and the caption states with the
+    step's caption dropout; the clean images (on the CPU) and the step's generator for the
+    defenses that draw more."""
+    rows = run.embeddings.rows(batch["caption"])
+    dropped = torch.full_like(rows, run.embeddings.unconditional_row)
+    rows = torch.where(draws.dropped[share], dropped, rows)  # caption dropout
+    pixels = batch["pixel_values"]
+    if config.random_flip:
+        pixels = torch.where(draws.flipped[share, None, None, None], pixels.flip(-1), pixels)
+    x0 = pixels.to(device)
+    if run.vae is not None:
+        x0 = to_latents(run.vae, x0)
+    return {
+        "x0": x0,
+        "noise": draws.noise(x0.shape[1:])[share].to(device),
+        "timesteps": draws.timesteps[share].to(device),
+        "encoder_hidden_states": run.embeddings.table[rows].to(device),
+        "captions": batch["caption"],
+        "indices": batch["index"],
+        "pixels": pixels,
+        "generator": draws.generator,
+    }
+
+
+def step_inputs(
+    config: TrainConfig,
+    run: Run,
+    loader: Iterator[dict],
+    seed: int,
+    step: int,
+    group: Group,
+    device: torch.device,
+) -> list[dict]:
+    """This process's micro-batches of optimizer step `step` of a model trained by `group`: the
+    next `gradient_accumulation_steps` batches of `loader`, with their slices of the step's
+    draws for the group's whole effective batch, drawn from (seed, step)."""
+    accum, local_batch = config.gradient_accumulation_steps, config.train_batch_size
+    global_batch = local_batch * group.size
+    draws = StepDraws(
+        seed, step, global_batch * accum, run.scheduler.config.num_train_timesteps,
+        config.caption_dropout,
+    )  # fmt: skip
+    inputs = []
+    for micro in range(accum):
+        first = micro * global_batch + group.rank * local_batch
+        share = slice(first, first + local_batch)
+        inputs.append(micro_batch(config, run, next(loader), draws, share, device))
+    return inputs
