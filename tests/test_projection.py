@@ -203,7 +203,8 @@ def test_certificate_holds_on_two_processes(shapes_dir: Path, tmp_path: Path) ->
 
 def test_lora_adapters_are_projected(shapes_dir: Path, tmp_path: Path) -> None:
     pipeline = make_tiny_stable_diffusion(tmp_path / "sd")
-    projection = TextProjection(concept=CONCEPT)
+    # the tiny random CLIP's 32-wide states: the concept's subspace is most of them
+    projection = TextProjection(concept=CONCEPT, max_removed=1.0)
     config = tiny_config(
         shapes_dir / "train",
         tmp_path / "lora",
@@ -273,6 +274,7 @@ def test_feature_mode_certificate_on_convolutions(shapes_dir: Path, tmp_path: Pa
         shapes_dir,
         tmp_path / "feature",
         projection_anchor_energy=0.0,  # no directions left free: every layer gets a subspace
+        projection_max_removed=1.0,  # ... and most of the training signal
     )
     Trainer(config, [projection]).train()
     report = defense_records(tmp_path / "feature")["projection"]["report"]
@@ -311,6 +313,7 @@ def test_output_side_holds_what_each_layer_emits(shapes_dir: Path, tmp_path: Pat
         tmp_path / "output",
         projection_side="output",
         projection_anchor_energy=0.0,
+        projection_max_removed=1.0,
     )
     Trainer(config, [projection]).train()
     assert projection.report()["side"] == "output"
@@ -378,7 +381,7 @@ def test_image_mode_projects_the_prediction_gradient() -> None:
     assert not unet._forward_hooks
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(defended, reference, strict=True))
     assert not all(torch.allclose(a, b) for a, b in zip(gradients(False), reference, strict=True))
-    assert 0 < projection.report()["prediction_gradient_energy_removed"] < 1
+    assert 0 < projection.report()["signal_removed"] < 1
 
 
 def test_image_mode_trains_from_the_exemplars(shapes_dir: Path, tmp_path: Path) -> None:
@@ -387,7 +390,8 @@ def test_image_mode_trains_from_the_exemplars(shapes_dir: Path, tmp_path: Path) 
     report = defense_records(tmp_path / "image")["projection"]["report"]
     assert report["mode"] == "image" and "leak" not in report
     assert report["subspace_rank"] > 0
-    assert 0 < report["prediction_gradient_energy_removed"] < 0.5
+    assert 0 < report["signal_removed"] < 0.5
+    assert 0 < report["signal_removed_first_step"] < 0.5
     assert not projection._handles  # the trainer detached it
     blank = Image.new("RGB", (8, 8))
     logo = torch.from_numpy(np.array(stamp_logo(blank)).any(axis=2))
@@ -400,7 +404,11 @@ def test_image_mode_trains_from_the_exemplars(shapes_dir: Path, tmp_path: Path) 
 
 MODE_SETTINGS = {
     "text": {},
-    "feature": {"projection_mode": "feature", "projection_anchor_energy": 0.0},
+    "feature": {  # no directions left free: every layer gets a subspace (and most of the signal)
+        "projection_mode": "feature",
+        "projection_anchor_energy": 0.0,
+        "projection_max_removed": 1,
+    },
     "image": {"projection_mode": "image"},
 }
 
@@ -454,3 +462,58 @@ def test_a_setting_of_another_mode_is_named(shapes_dir: Path, tmp_path: Path) ->
                  projection_mode="feature")  # fmt: skip
     with pytest.raises(ConfigError, match=r"concept: --defense projection needs at least one"):
         tiny_run(shapes_dir / "train", tmp_path / "x", defense=("projection",))
+
+
+# ------------------------------------------------------------------ no silent destruction
+
+
+def test_the_removed_signal_is_the_gradient_energy_in_the_subspace() -> None:
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, cross_attention_dim=384)
+    basis = torch.linalg.qr(torch.randn(384, 20, dtype=torch.float64))[0]
+    projection = TextProjection(basis=basis)
+    projection.setup(unet, None)
+    states = torch.randn(2, 4, 384)
+    unet(torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), encoder_hidden_states=states)[
+        0
+    ].square().mean().backward()
+    grads = [g.param.grad.double().flatten(1) for g in projection.weights.values()]
+    removed = sum(float((g @ basis).square().sum()) for g in grads)
+    total = sum(float(g.square().sum()) for g in grads)
+    projection.project_gradients()
+    assert projection.report()["signal_removed"] == pytest.approx(removed / total, rel=1e-6)
+    assert all(
+        float((g.param.grad.double().flatten(1) @ basis).abs().max()) < 1e-6
+        for g in projection.weights.values()
+    )
+
+
+def test_a_projection_that_removes_most_of_the_signal_stops_before_training(
+    shapes_dir: Path, tmp_path: Path
+) -> None:
+    """A footprint of nine tenths of the image: the first step would remove most of what the
+    data teaches. The run stops before any weight changes, naming the flag; the flag lets it
+    through."""
+    coordinates = torch.randperm(192, generator=torch.Generator().manual_seed(0))[:173]
+    basis = torch.eye(192, dtype=torch.float64)[:, coordinates]
+    config = tiny_config(shapes_dir / "train", tmp_path / "broken", checkpointing_steps=1)
+    with pytest.raises(
+        ConfigError, match=r"projection_max_removed: the projection removed 9\d\.\d% "
+    ):
+        Trainer(config, [ImageProjection(basis=basis)]).train()
+    assert not (tmp_path / "broken" / "checkpoints").exists()
+    assert not (tmp_path / "broken" / WEIGHTS).exists()
+    config = tiny_config(shapes_dir / "train", tmp_path / "allowed", max_train_steps=2)
+    allowed = ImageProjection(basis=basis, max_removed=1.0)
+    Trainer(config, [allowed]).train()
+    assert allowed.report()["signal_removed_first_step"] > 0.5
+
+
+def test_the_run_log_and_memguard_json_carry_the_removed_signal(shapes_dir: Path, tmp_path):
+    config, (projection,) = mode_run("text", shapes_dir, tmp_path / "run")
+    Trainer(config, [projection]).train()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(0 < line["projection/signal_removed"] < 0.75 for line in lines)
+    report = defense_records(tmp_path / "run")["projection"]["report"]
+    assert 0 < report["signal_removed_first_step"] < 0.75 and 0 < report["signal_removed"] < 0.75
+    assert report["signal_removed_first_step"] != report["signal_removed"]  # one step vs six

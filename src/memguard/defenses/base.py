@@ -16,7 +16,8 @@ their own. Every hook of the base class is a no-op, so a defense overrides only 
     after_step(model, ctx)                   after optimizer.step() (update re-projection)
     connect(peers)                           the defenses it `needs`, by name (TAA reads AGC)
     state_dict() / load_state_dict(state)    everything a resume needs
-    report() -> dict                         what it did, for the run log and memguard.json
+    log_values() -> dict                     figures for the run log's next line
+    report() -> dict                         what it did, for memguard.json
     detach()                                 remove every hook; the model is left as it was
 
 The sample hook returns per-sample weights rather than a scalar so that several defenses compose
@@ -104,6 +105,10 @@ class Defense:
 
     def after_step(self, model: nn.Module, ctx: TrainingContext) -> None:
         """Called right after optimizer.step()."""
+
+    def log_values(self) -> dict:
+        """Figures for the run log's next line (name -> number or None), since the last one."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}

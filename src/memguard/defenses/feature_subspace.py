@@ -7,7 +7,7 @@ error g and its input x. Collect the inputs each chosen layer sees on exemplar i
 concept (noised as in training, at random timesteps, under their captions): the rows x of a
 linear layer, the im2col patches of a convolution. Remove the directions that images without
 the concept share (anchors), then keep the directions holding `energy` of what remains. The
-result U_l per layer is what ConceptProjection projects gradients and updates off.
+result U_l per layer is what FeatureProjection projects gradients and updates off.
 
 The output side measures instead the error signals g (the denoising loss's gradient at each
 layer's output, one row per position) on the exemplars and anchors, by the same criterion:

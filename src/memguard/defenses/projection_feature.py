@@ -28,7 +28,13 @@ from memguard.config import ConfigError, option
 from memguard.defenses.base import TrainingContext
 from memguard.defenses.exemplars import ExemplarSource, MeasuredImages, exemplar_images
 from memguard.defenses.feature_subspace import concept_feature_bases, feature_layers, layer_grams
-from memguard.defenses.projection_text import check_concepts, concept_option, energy_option
+from memguard.defenses.projection_text import (
+    check_concepts,
+    concept_option,
+    energy_option,
+    max_removed_option,
+)
+from memguard.defenses.signal import check_limit
 from memguard.defenses.subspace import Guarded, SubspaceGuard, columns_of, rows_of
 
 
@@ -64,9 +70,11 @@ class FeatureProjectionConfig:
         0.99, "projection, feature mode: energy of the anchors' shared directions left free",
         flag="projection_anchor_energy",
     )  # fmt: skip
+    max_removed: float = max_removed_option()
 
     def __post_init__(self) -> None:
         check_concepts(self.concept, self.energy)
+        check_limit(self.max_removed)
         if self.exemplars is None:
             raise ConfigError("concept_exemplars: --projection_mode feature needs a folder")
         if self.side not in ("input", "output"):
@@ -94,13 +102,14 @@ class FeatureProjection(SubspaceGuard):
         side: str = "input",
         refresh_steps: int = 0,
         anchor_energy: float = 0.99,
+        max_removed: float = 0.75,
         bases: dict[str, torch.Tensor] | None = None,
         source: ExemplarSource | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(max_removed)
         if bases is None:
             self.config = FeatureProjectionConfig(
-                concept, exemplars, energy, layers, side, refresh_steps, anchor_energy
+                concept, exemplars, energy, layers, side, refresh_steps, anchor_energy, max_removed
             )
             if source is None:
                 raise ValueError("feature mode needs `bases` or a `source` of exemplars")
@@ -117,7 +126,7 @@ class FeatureProjection(SubspaceGuard):
         source = ExemplarSource(config.exemplars, run.train_data_dir, run.resolution, run.seed)
         return cls(
             config.concept, config.exemplars, config.energy, config.layers, config.side,
-            config.refresh_steps, config.anchor_energy, source=source,
+            config.refresh_steps, config.anchor_energy, config.max_removed, source=source,
         )  # fmt: skip
 
     def guarded(self, model, ctx):

@@ -25,7 +25,8 @@ from memguard.defenses.base import Defense, TrainingContext
 from memguard.defenses.exemplars import ExemplarSource, exemplar_images
 from memguard.defenses.feature_subspace import concept_footprint
 from memguard.defenses.projection_feature import exemplars_option
-from memguard.defenses.projection_text import check_concepts, concept_option
+from memguard.defenses.projection_text import check_concepts, concept_option, max_removed_option
+from memguard.defenses.signal import RemovedSignal, check_limit
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,11 @@ class ImageProjectionConfig:
         "the exemplars differ from images without the concept",
         flag="projection_footprint_alpha",
     )
+    max_removed: float = max_removed_option()
 
     def __post_init__(self) -> None:
         check_concepts(self.concept, 1.0)
+        check_limit(self.max_removed)
         if self.exemplars is None:
             raise ConfigError("concept_exemplars: --projection_mode image needs a folder")
         if not 0 < self.footprint_alpha < 1:
@@ -63,23 +66,27 @@ class ImageProjection(Defense):
         concept: tuple[str, ...] = (),
         exemplars: str | None = None,
         footprint_alpha: float = 1e-3,
+        max_removed: float = 0.75,
         basis: torch.Tensor | None = None,
         source: ExemplarSource | None = None,
     ) -> None:
         if basis is None:
-            self.config = ImageProjectionConfig(concept, exemplars, footprint_alpha)
+            self.config = ImageProjectionConfig(concept, exemplars, footprint_alpha, max_removed)
             if source is None:
                 raise ValueError("image mode needs a `basis` or a `source` of exemplars")
         self.concepts, self.footprint_alpha, self.source = tuple(concept), footprint_alpha, source
         self.basis = basis.double() if basis is not None else None
         self._u: torch.Tensor | None = None  # the basis in the gradients' device and dtype
-        self._removed = torch.zeros(2, dtype=torch.float64)  # removed, total gradient energy
+        self.signal = RemovedSignal(max_removed)
         self._handles: list = []
 
     @classmethod
     def for_run(cls, config: ImageProjectionConfig, run) -> ImageProjection:
         source = ExemplarSource(config.exemplars, run.train_data_dir, run.resolution, run.seed)
-        return cls(config.concept, config.exemplars, config.footprint_alpha, source=source)
+        return cls(
+            config.concept, config.exemplars, config.footprint_alpha, config.max_removed,
+            source=source,
+        )  # fmt: skip
 
     def setup(self, model: nn.Module, optimizer, ctx: TrainingContext | None = None) -> None:
         if self._handles:
@@ -114,9 +121,14 @@ class ImageProjection(Defense):
         if u is None or u.device != grad.device or u.dtype != grad.dtype:
             u = self._u = self.basis.to(grad.device, grad.dtype)
         removed = (flat @ u) @ u.T
-        energies = torch.stack([removed.square().sum(), flat.square().sum()]).double()
-        self._removed = self._removed.to(grad.device) + energies
+        self.signal.add(removed.square().sum(), flat.square().sum())
         return (flat - removed).view_as(grad)
+
+    def after_backward(self, model: nn.Module, ctx: TrainingContext) -> None:
+        self.signal.check_first_step(ctx.group, "the prediction's gradient energy")
+
+    def log_values(self) -> dict:
+        return {"signal_removed": self.signal.take_window()}
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -124,18 +136,17 @@ class ImageProjection(Defense):
         self._handles = []
 
     def state_dict(self) -> dict:
-        return {"basis": self.basis, "removed_energy": self._removed.cpu()}
+        return {"basis": self.basis, "signal": self.signal.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.basis, self._u = state["basis"], None
-        self._removed = state["removed_energy"].clone()
+        self.signal.load_state_dict(state["signal"])
 
     def report(self) -> dict:
-        removed, total = self._removed.tolist()
         return {
             "mode": self.mode,
             "concepts": list(self.concepts),
             "subspace_rank": int(self.basis.shape[1]) if self.basis is not None else 0,
             "subspace_width_total": int(self.basis.shape[0]) if self.basis is not None else 0,
-            "prediction_gradient_energy_removed": removed / total if total else 0.0,
+            **self.signal.report(),
         }

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from memguard.defenses.base import Defense, TrainingContext
+from memguard.defenses.signal import RemovedSignal
 
 
 def rank_for_energy(energies: torch.Tensor, needed: float) -> int:
@@ -84,8 +85,10 @@ class SubspaceGuard(Defense):
     with `extend`)."""
 
     name = "projection"
+    signal_source = "the guarded weights' gradient energy"
 
-    def __init__(self) -> None:
+    def __init__(self, max_removed: float = 0.75) -> None:
+        self.signal = RemovedSignal(max_removed)
         self.weights: dict[str, Guarded] = {}
         self.bases: dict[str, torch.Tensor] = {}  # per guarded parameter, (width, r)
         self.anchor: dict[str, torch.Tensor] = {}  # P_0 U per projected parameter P
@@ -121,6 +124,10 @@ class SubspaceGuard(Defense):
 
     def after_backward(self, model: nn.Module, ctx: TrainingContext) -> None:
         self.project_gradients()
+        self.signal.check_first_step(ctx.group, self.signal_source)
+
+    def log_values(self) -> dict:
+        return {"signal_removed": self.signal.take_window()}
 
     def after_step(self, model: nn.Module, ctx: TrainingContext) -> None:
         self.restore_subspace()
@@ -137,13 +144,20 @@ class SubspaceGuard(Defense):
 
     @torch.no_grad()
     def project_gradients(self) -> None:
-        """grad <- grad (I - U U^T) for every guarded weight."""
+        """grad <- grad (I - U U^T) for every guarded weight; the energy removed (||G U||^2,
+        U orthonormal) and the total are counted."""
+        removed = total = torch.zeros((), dtype=torch.float64)
         for name, guarded in self.weights.items():
             grad = guarded.param.grad
             if grad is not None:
                 u = self._u[name]
                 flat = guarded.matrix(grad)
-                flat -= (flat @ u) @ u.T
+                coefficients = flat @ u
+                removed = removed + coefficients.double().square().sum().cpu()
+                total = total + flat.double().square().sum().cpu()
+                flat -= coefficients @ u.T
+        if self.weights:
+            self.signal.add(removed, total)
 
     @torch.no_grad()
     def restore_subspace(self) -> None:
@@ -216,13 +230,19 @@ class SubspaceGuard(Defense):
             "bases": dict(self.bases),
             "anchor": dict(self.anchor),
             "effective_anchor": dict(self.effective_anchor),
+            "signal": self.signal.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.bases = dict(state["bases"])
         self.anchor = dict(state["anchor"])
         self.effective_anchor = dict(state["effective_anchor"])
+        self.signal.load_state_dict(state["signal"])
         self._place_bases()
 
     def report(self) -> dict:
-        return {"guarded_weights": len(self.weights), "leak": self.leak() if self.weights else None}
+        return {
+            "guarded_weights": len(self.weights),
+            "leak": self.leak() if self.weights else None,
+            **self.signal.report(),
+        }

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from memguard import __version__
 from memguard.config import TrainConfig, to_dict
 from memguard.data.folder import fingerprint
+from memguard.defenses.base import Defense
 from memguard.distributed import Group
 from memguard.io import save_model
 from memguard.train.checkpoint import checkpoint_info, resolve_resume, save_checkpoint
@@ -111,9 +112,17 @@ class Session:
                 "check the data."
             ) from None
 
-    def tick(self, loss: float, steps: int, samples: int, **fields: Any) -> None:
+    def tick(
+        self,
+        loss: float,
+        steps: int,
+        samples: int,
+        defenses: Sequence[Defense] = (),
+        **fields: Any,
+    ) -> None:
         """Every process just ran `steps` optimizer steps together on `samples` images in all;
-        `loss` is this process's. Logs when due, with `fields` (the lr, say) in the line."""
+        `loss` is this process's. Logs when due, with `fields` (the lr, say) and the defenses'
+        `log_values` (as "name/figure") in the line."""
         self._before, self.done = self.done, self.done + steps
         self._bar.update(steps)
         self._window = [self._window[0] + loss, self._window[1] + 1, self._window[2] + samples]
@@ -127,6 +136,11 @@ class Session:
                     "step": self.done,
                     "loss": self.last_loss,
                     **fields,
+                    **{
+                        f"{defense.name}/{key}": value
+                        for defense in defenses
+                        for key, value in defense.log_values().items()
+                    },
                     "images_per_second": self._window[2] / max(now - self._log_start, 1e-9),
                 }
                 with open(self.output_dir / LOG_FILE, "a") as log:

@@ -45,7 +45,7 @@ def train_plain(session: Session, run: Run, defenses: Sequence[Defense]) -> Trai
         inputs = step_inputs(cfg, run, loader, cfg.seed, step.ctx.step, world, session.device)
         loss = session.run_step(step, inputs)
         samples = cfg.train_batch_size * world.size * accum
-        session.tick(loss, 1, samples, lr=step.lr_schedule.get_last_lr()[0])
+        session.tick(loss, 1, samples, defenses, lr=step.lr_schedule.get_last_lr()[0])
         if session.passed(cfg.checkpointing_steps):
             session.checkpoint({MODEL_UNIT: step.state_dict()} if session.main else {})
     session.close()
