@@ -5,6 +5,7 @@
     memguard sample --model DIR --prompt "..." --num_images N --seed S
     memguard replication --samples_dir DIR --train_data_dir DIR [--output FILE.json]
     memguard attack trigger --model DIR --images FILE_OR_DIR --output_dir DIR [--init ...]
+    memguard mitigate --model DIR --method nemo|wanda --prompts FILE --output_dir DIR
     memguard bench configs/bench/NAME.yaml --output_dir DIR [--seeds S.. --arms A.. ...]
 
 `train` runs unchanged under `accelerate launch [--num_processes N] -m memguard train ...`.
@@ -23,6 +24,7 @@ from pathlib import Path
 from memguard.config import (
     AuditConfig,
     ConfigError,
+    MitigateConfig,
     SampleConfig,
     ShapesConfig,
     TrainConfig,
@@ -202,6 +204,18 @@ def cmd_attack_trigger(args: argparse.Namespace) -> None:
     _print("\n".join(lines))
 
 
+def cmd_mitigate(args: argparse.Namespace) -> None:
+    from memguard.mitigations.pruning import PRUNING_FILE, mitigate
+
+    config = _config(MitigateConfig, args)
+    record = mitigate(config)
+    lines = [f"{config.method}: {record['num_pruned']} {record['unit']}s pruned in total"]
+    for prompt in record["prompts"]:
+        lines.append(f"  {prompt['num_pruned']:6d}  {prompt['prompt']}")
+    lines.append(f"pruned model: {config.output_dir} (what was pruned: {PRUNING_FILE})")
+    _print("\n".join(lines))
+
+
 def audit_summary(results: dict) -> str:
     """The one-screen summary of an audit (`memguard.report.summary`'s rows, as report.html's
     table holds them); rates with their 95% intervals."""
@@ -330,6 +344,13 @@ def parser() -> argparse.ArgumentParser:
     _add_config_flags(trigger, TriggerConfig)
     trigger.add_argument("--config", help="YAML file with the same keys")
     trigger.set_defaults(run=cmd_attack_trigger)
+
+    mitigation = commands.add_parser(
+        "mitigate", help="prune what makes memorized prompts replicate (NeMo, Wanda)"
+    )
+    _add_config_flags(mitigation, MitigateConfig)
+    mitigation.add_argument("--config", help="YAML file with the same keys")
+    mitigation.set_defaults(run=cmd_mitigate)
 
     bench = commands.add_parser(
         "bench", help="train and audit every arm at every seed of a spec; tables and charts"
