@@ -1,6 +1,7 @@
 """DoRI's embedding-trigger attack: it recovers an image a model memorized and not one it did
-not, it is a function of its seed, and `memguard attack trigger` writes the triggers, the
-generations and the JSON for pixel and latent models."""
+not, a target outside the training folder joins the d1/d2 reference, the attack is a function
+of its seed, and `memguard attack trigger` writes the triggers, the generations and the JSON for
+pixel and latent models."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from safetensors.torch import load_file
 from helpers import tiny_model_folder
 from memguard import cli
 from memguard.attacks.targets import RecoveryJudge, Targets, read_targets
-from memguard.attacks.trigger import TriggerAttack
+from memguard.attacks.trigger import TriggerAttack, TriggerRun
 from memguard.config import TriggerConfig
-from memguard.data.folder import ImageFolderDataset
+from memguard.data.folder import ImageFolderDataset, unit_float
 from memguard.data.text import MiniLMEncoder
 from memguard.io import DiffusionModel, load_model
+from memguard.metrics.neighbors import ConcatRows, ImageRows, TensorRows, distinct_rows
 from memguard.models import noise_scheduler
 
 
@@ -91,13 +93,37 @@ def test_the_trigger_recovers_a_memorized_image_and_not_another(shapes_dir: Path
     assert missed.steps_to_replicate is None and not missed.checks[-1].verdict.replicated
 
 
+def test_a_target_outside_the_training_folder_joins_the_reference(shapes_dir: Path) -> None:
+    train = ImageFolderDataset(shapes_dir / "train", 8)
+    held_out = ImageFolderDataset(shapes_dir / "test", 8).stacked([0])
+    targets = Targets(
+        ["held out", "trained"], [None, None], torch.cat([held_out, train.stacked([5])])
+    )
+    judge = RecoveryJudge(targets, train)
+    assert not judge.target_in_train(0) and judge.target_in_train(1)
+    exact = unit_float(targets.pixels)
+    for verdict in judge(exact, [0, 1]):
+        assert verdict.replicated and verdict.distance == 0 and verdict.ratio == 0
+    assert not any(v.replicated for v in judge(exact.flip(0), [0, 1]))  # the other's image
+    assert (
+        judge.criterion()["num_distinct_reference_images"]
+        == len(distinct_rows(ImageRows(train))[0]) + 1
+    )
+
+    parts = torch.arange(10.0).reshape(5, 2), -torch.arange(6.0).reshape(3, 2)
+    joined = ConcatRows(TensorRows(parts[0]), TensorRows(parts[1]))
+    order = torch.tensor([6, 0, 5, 7, 1])
+    subset = torch.cat(list(joined.subset(order).chunks(2)))
+    assert torch.equal(subset, torch.cat(parts)[order])
+
+
 def test_the_same_seed_gives_the_same_trigger(shapes_dir: Path, tmp_path: Path) -> None:
     model = load_model(tiny_model_folder(tmp_path / "model"), "cpu")
     targets = read_targets(shapes_dir / "train", 8)
     targets = Targets(targets.names[:1], targets.prompts[:1], targets.pixels[:1])
     judge = RecoveryJudge(targets, None)
 
-    def trigger(seed: int) -> torch.Tensor:
+    def trigger(seed: int) -> TriggerRun:
         config = settings(init="gaussian", steps=4, check_every=4, num_inference_steps=2, seed=seed)
         return TriggerAttack(model, judge, config).run(targets, 0)
 

@@ -48,6 +48,8 @@ from memguard.io import DiffusionModel, atomic_path, load_model, write_json
 from memguard.metrics.intervals import rate_of
 from memguard.sampling import generate, save_samples
 
+Draw = tuple[torch.Tensor, torch.Tensor]  # timesteps (B,) and noise (B, C, H, W)
+
 TRIGGERS_FILE = "triggers.safetensors"
 RESULTS_FILE = "triggers.json"
 GENERATIONS_DIR = "generations"
@@ -105,7 +107,7 @@ class TriggerAttack:
         self.model, self.judge, self.config = model, judge, config
         self.scheduler = DDPMScheduler.from_config(model.scheduler_config)
 
-    def _draw(self, x0: torch.Tensor, generator: torch.Generator):
+    def _draw(self, x0: torch.Tensor, generator: torch.Generator) -> Draw:
         """Timesteps and noise for a batch of copies of `x0`, drawn on the CPU."""
         size = self.config.batch_size
         steps = self.scheduler.config.num_train_timesteps
@@ -113,7 +115,7 @@ class TriggerAttack:
         noise = torch.randn((size, *x0.shape), generator=generator)
         return timesteps.to(x0.device), noise.to(x0.device)
 
-    def _loss(self, x0: torch.Tensor, states: torch.Tensor, draw) -> torch.Tensor:
+    def _loss(self, x0: torch.Tensor, states: torch.Tensor, draw: Draw) -> torch.Tensor:
         timesteps, noise = draw
         size = len(timesteps)
         return per_sample_loss(
@@ -121,7 +123,9 @@ class TriggerAttack:
             states.expand(size, *states.shape), timesteps, noise,
         ).mean()  # fmt: skip
 
-    def _check(self, index: int, step: int, x0, states, probe) -> tuple[Check, torch.Tensor]:
+    def _check(
+        self, index: int, step: int, x0: torch.Tensor, states: torch.Tensor, probe: Draw
+    ) -> tuple[Check, torch.Tensor]:
         config = self.config
         with torch.no_grad():
             loss = float(self._loss(x0, states, probe))
