@@ -19,8 +19,11 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from memguard.config import TrainConfig, to_dict
+from memguard.data.text import MiniLMEncoder
 from memguard.defenses import Defense
 from memguard.defenses.registry import build_training
+from memguard.io import save_model
+from memguard.models import build_unet, noise_scheduler
 
 
 def tiny_settings(data_dir: Path, output_dir: Path, **overrides) -> dict:
@@ -68,6 +71,16 @@ def train_tiny(data_dir: Path, output_dir: Path, **overrides) -> dict:
     config, defenses = tiny_run(data_dir, output_dir, **overrides)
     Trainer(config, defenses, progress=False).train()
     return json.loads((Path(output_dir) / "memguard.json").read_text())
+
+
+def tiny_model_folder(path: Path, max_text_length: int = 8) -> Path:
+    """A model folder as `memguard train` writes it for the tiny preset at 8 px (MiniLM text
+    states), with the random weights of seed 0 instead of training."""
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, MiniLMEncoder.hidden_size)
+    encoder = {"name": "minilm", "max_length": max_text_length}
+    save_model(path, unet, noise_scheduler(1000, "squaredcos_cap_v2"), {"text_encoder": encoder})
+    return path
 
 
 def _byte_characters() -> list[str]:

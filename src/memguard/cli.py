@@ -4,6 +4,8 @@
     memguard train [--config FILE.yaml] --train_data_dir DIR --output_dir DIR [...]
     memguard sample --model DIR --prompt "..." --num_images N --seed S
     memguard replication --samples_dir DIR --train_data_dir DIR [--output FILE.json]
+    memguard attack trigger --model DIR --images FILE_OR_DIR --output_dir DIR [--init ...]
+    memguard mitigate --model DIR --method nemo|wanda --prompts FILE --output_dir DIR
     memguard bench configs/bench/NAME.yaml --output_dir DIR [--seeds S.. --arms A.. ...]
 
 `train` runs unchanged under `accelerate launch [--num_processes N] -m memguard train ...`.
@@ -22,15 +24,18 @@ from pathlib import Path
 from memguard.config import (
     AuditConfig,
     ConfigError,
+    MitigateConfig,
     SampleConfig,
     ShapesConfig,
     TrainConfig,
+    TriggerConfig,
     build,
     load_yaml,
 )
 from memguard.data.folder import DataError
 from memguard.defenses.registry import build_training
 from memguard.defenses.registry import flags as defense_flags
+from memguard.metrics.intervals import format_rate
 from memguard.report.summary import replication_rows, summary_rows, text_lines
 from memguard.train.step import TrainingError
 
@@ -174,6 +179,43 @@ def cmd_replication(args: argparse.Namespace) -> None:
     _print("\n".join(lines))
 
 
+def cmd_attack_trigger(args: argparse.Namespace) -> None:
+    from memguard.attacks.trigger import (
+        GENERATIONS_DIR,
+        RESULTS_FILE,
+        TRIGGERS_FILE,
+        run_trigger_attack,
+    )
+
+    config = _config(TriggerConfig, args)
+    results = run_trigger_attack(config)
+    lines = [
+        f"DoRI triggers from --init {config.init}, {config.steps} steps: "
+        f"{format_rate(results['replicated'])} of {len(results['targets'])} targets recovered"
+    ]
+    for row in results["targets"]:
+        verdict = "recovered" if row["replicated"] else "not recovered"
+        lines.append(
+            f"  {row['name']}: loss {row['initial_loss']:.4f} -> {row['final_loss']:.4f}, "
+            f"{verdict}, steps to replicate: {row['steps_to_replicate']}"
+        )
+    output = Path(config.output_dir)
+    lines.append(f"written to {output}: {TRIGGERS_FILE}, {GENERATIONS_DIR}/, {RESULTS_FILE}")
+    _print("\n".join(lines))
+
+
+def cmd_mitigate(args: argparse.Namespace) -> None:
+    from memguard.mitigations.pruning import PRUNING_FILE, mitigate
+
+    config = _config(MitigateConfig, args)
+    record = mitigate(config)
+    lines = [f"{config.method}: {record['num_pruned']} {record['unit']}s pruned in total"]
+    for prompt in record["prompts"]:
+        lines.append(f"  {prompt['num_pruned']:6d}  {prompt['prompt']}")
+    lines.append(f"pruned model: {config.output_dir} (what was pruned: {PRUNING_FILE})")
+    _print("\n".join(lines))
+
+
 def audit_summary(results: dict) -> str:
     """The one-screen summary of an audit (`memguard.report.summary`'s rows, as report.html's
     table holds them); rates with their 95% intervals."""
@@ -293,6 +335,22 @@ def parser() -> argparse.ArgumentParser:
         "--device", help="torch device of the search (default: cuda when present, else cpu)"
     )
     replication.set_defaults(run=cmd_replication)
+
+    attack = commands.add_parser("attack", help="try to get training images out of a model")
+    attacks = attack.add_subparsers(dest="kind", required=True)
+    trigger = attacks.add_parser(
+        "trigger", help="DoRI: optimize the conditioning until the model generates a target"
+    )
+    _add_config_flags(trigger, TriggerConfig)
+    trigger.add_argument("--config", help="YAML file with the same keys")
+    trigger.set_defaults(run=cmd_attack_trigger)
+
+    mitigation = commands.add_parser(
+        "mitigate", help="prune what makes memorized prompts replicate (NeMo, Wanda)"
+    )
+    _add_config_flags(mitigation, MitigateConfig)
+    mitigation.add_argument("--config", help="YAML file with the same keys")
+    mitigation.set_defaults(run=cmd_mitigate)
 
     bench = commands.add_parser(
         "bench", help="train and audit every arm at every seed of a spec; tables and charts"

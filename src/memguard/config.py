@@ -473,3 +473,123 @@ class AuditConfig:
         _require(self.detection_steps >= 0, "detection_steps: must be >= 0")
         _require(self.inversion_steps >= 0, "inversion_steps: must be >= 0")
         _require(self.chunk_size > 0, "chunk_size: must be positive")
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """`memguard attack trigger`: DoRI's embedding triggers (Kowalczuk et al., arXiv 2507.16880)
+    for target images, and whether generating from them recovers the targets."""
+
+    model: str | None = option(None, "model folder (memguard's, or a diffusers UNet/pipeline)")
+    images: str | None = option(
+        None,
+        "the targets: an image folder with metadata.jsonl (its captions are the original "
+        "prompts), a file listing image paths (each optionally followed by a tab and its "
+        "caption), or one image file",
+    )
+    output_dir: str = option(
+        "trigger-attack", "where triggers.safetensors, generations/ and triggers.json go"
+    )
+    train_data_dir: str | None = option(
+        None,
+        "the training folder: a generation recovers its target when Gu et al.'s criterion holds "
+        "against it (the targets joining it) and the target is the nearest image (default: "
+        "each target judged alone, by --distance_threshold)",
+    )
+    init: str = option(
+        "prompt",
+        "where the conditioning starts: the original prompt's text states, Gaussian noise with "
+        "their mean and spread, or an unrelated prompt's states",
+        choices=("prompt", "gaussian", "unrelated"),
+    )
+    unrelated_prompt: str = option(
+        "a bowl of fruit on a kitchen table", "the prompt whose states --init unrelated starts from"
+    )
+    steps: int = option(50, "Adam steps on the conditioning")
+    learning_rate: float = option(0.1, "Adam learning rate")
+    batch_size: int = option(
+        8, "copies of the target per step, each with its own timestep and noise"
+    )
+    check_every: int = option(
+        10,
+        "generate from the conditioning and judge it every N steps (and at the start and the "
+        "end): the steps a target needs to be recovered",
+    )
+    seed: int = option(0, "target i's draws come from seed + i; generations start from seed")
+    replication_threshold: float = option(1 / 3, "Gu et al.: a replica when d1/d2 is below this")
+    distance_threshold: float = option(
+        0.1,
+        "without --train_data_dir: recovered when the RMS distance to the target (pixel values "
+        "in [0, 1]) is below this",
+    )
+    scheduler: str = option("dpm", "sampler", choices=("dpm", "ddim"))
+    num_inference_steps: int = option(20, "denoising steps of each generation")
+    guidance_scale: float = option(3.0, "classifier-free guidance scale (1 disables)")
+    device: str | None = option(None, "torch device (default: cuda when present, else cpu)")
+
+    def __post_init__(self) -> None:
+        _require(self.model is not None, "model: required")
+        _require(self.images is not None, "images: required")
+        for key in ("steps", "batch_size", "check_every", "num_inference_steps"):
+            _require(getattr(self, key) > 0, f"{key}: must be positive")
+        _require(self.learning_rate > 0, "learning_rate: must be positive")
+        _require(0 < self.replication_threshold < 1, "replication_threshold: must be in (0, 1)")
+        _require(self.distance_threshold > 0, "distance_threshold: must be positive")
+
+
+@dataclass(frozen=True)
+class MitigateConfig:
+    """`memguard mitigate`: prune what makes memorized prompts replicate (NeMo, Hintersdorf et
+    al. 2024; Wanda, Sun et al. 2024) and write the pruned model folder."""
+
+    model: str | None = option(None, "model folder (memguard's, or a diffusers UNet/pipeline)")
+    prompts: str | None = option(None, "file of memorized prompts, one per line")
+    output_dir: str = option("mitigated", "the pruned model folder (with pruning.json)")
+    method: str | None = option(
+        None,
+        "nemo: the outlier value neurons of each prompt, deactivated in growing groups until "
+        "its generations stop replicating; wanda: the weights of largest |W| x ||X|| on it",
+        choices=("nemo", "wanda"),
+    )
+    layers: tuple[str, ...] = option(
+        ("attn2.to_v",),
+        "linear layers to prune: name suffixes with shell wildcards, e.g. 'attn2.to_[kv]' "
+        "(repeatable); nemo: layers fed by the text states (attn2.to_k / attn2.to_v)",
+    )
+    sparsity: float = option(0.01, "wanda: fraction of each chosen layer's weights pruned")
+    reference_prompts: str | None = option(
+        None,
+        "nemo: file of ordinary prompts, one per line, that neuron activations are compared "
+        "against (default: generic prompts written in memguard.mitigations.nemo)",
+    )
+    z_threshold: float = option(
+        3.0, "nemo: a neuron is a candidate when its activation's z-score exceeds this"
+    )
+    train_data_dir: str | None = option(
+        None, "nemo: the training folder; a generation replicates by Gu et al.'s criterion"
+    )
+    num_images: int = option(
+        4,
+        "generations per prompt: nemo's at each check; wanda's to collect the inputs of layers "
+        "that do not read the text states",
+    )
+    seed: int = option(0, "generation j starts from the noise of seed + j")
+    replication_threshold: float = option(1 / 3, "Gu et al.: a replica when d1/d2 is below this")
+    scheduler: str = option("dpm", "sampler", choices=("dpm", "ddim"))
+    num_inference_steps: int = option(20, "denoising steps of each generation")
+    guidance_scale: float = option(3.0, "classifier-free guidance scale (1 disables)")
+    device: str | None = option(None, "torch device (default: cuda when present, else cpu)")
+
+    def __post_init__(self) -> None:
+        _require(self.model is not None, "model: required")
+        _require(self.prompts is not None, "prompts: required")
+        _require(self.method is not None, "method: required (nemo or wanda)")
+        _require(bool(self.layers), "layers: give at least one pattern")
+        _require(0 < self.sparsity < 1, "sparsity: must be in (0, 1)")
+        _require(self.num_images > 0, "num_images: must be positive")
+        _require(self.num_inference_steps > 0, "num_inference_steps: must be positive")
+        _require(0 < self.replication_threshold < 1, "replication_threshold: must be in (0, 1)")
+        _require(
+            self.method != "nemo" or self.train_data_dir is not None,
+            "train_data_dir: nemo needs the training folder to tell when a prompt replicates",
+        )

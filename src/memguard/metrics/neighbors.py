@@ -5,7 +5,7 @@ replication (Gu et al., "On Memorization in Diffusion Models", 2023; IET-AGC, Li
 A reference is read one chunk at a time (`Rows`): an in-memory tensor (`TensorRows`), or the
 images of an image folder as pixel vectors in [0, 1] (`ImageRows`), decoded as uint8 and turned
 into float one chunk at a time, so that peak memory is bounded by the chunk size and not by the
-training set (100,000 images at 512 px are 300 GB as float).
+training set (100,000 images at 512 px are 300 GB as float); `ConcatRows` reads several as one.
 
 The search makes one pass over the reference whatever the number of queries. For each reference
 chunk and each query chunk, candidates come from one matmul (|q|^2 - 2 q.r + |r|^2) and a top-k
@@ -90,6 +90,33 @@ class ImageRows(Rows):
 
     def subset(self, indices: torch.Tensor) -> ImageRows:
         return ImageRows(self.dataset, [self.indices[i] for i in indices.tolist()])
+
+
+class ConcatRows(Rows):
+    """Several references read one after the other, as one (a training folder and images that
+    join it, say)."""
+
+    def __init__(self, *parts: Rows) -> None:
+        self.parts = parts
+        self.starts = torch.tensor([0, *(len(part) for part in parts)]).cumsum(0)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        for part in self.parts:
+            yield from part.chunks(size)
+
+    def subset(self, indices: torch.Tensor) -> ConcatRows:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        which = torch.searchsorted(self.starts, indices, right=True) - 1
+        runs = torch.unique_consecutive(which, return_counts=True)
+        pieces, start = [], 0
+        for part, count in zip(*(values.tolist() for values in runs), strict=True):
+            local = indices[start : start + count] - self.starts[part]
+            pieces.append(self.parts[part].subset(local))
+            start += count
+        return ConcatRows(*pieces)
 
 
 def as_rows(reference: torch.Tensor | Rows) -> Rows:

@@ -1,0 +1,215 @@
+"""The embedding-trigger attack of DoRI: Kowalczuk et al., "Finding Dori: Memorization in
+Text-to-Image Diffusion Models Is Less Local Than Assumed" (arXiv 2507.16880; ICML 2026 as
+"Finding DoRI: Discovery of Retained Images in Diffusion Models").
+
+With the model frozen, the attacker optimizes the whole conditioning y, the text states (L, d)
+that the UNet's cross-attention reads, so that the model denoises a target image: Adam on
+E_{t, eps} ||target - model(x_t, t, y)||^2, the target being the noise or v as the model
+predicts (`memguard.diffusion.per_sample_loss`; a latent model's target image is VAE-encoded
+first), each step on a batch of copies of the target with fresh timesteps and noise. y starts
+from the states of the target's original prompt (`prompt`), from Gaussian noise with their mean
+and standard deviation (`gaussian`; the empty prompt's, for a target without a caption), or from
+an unrelated prompt's states (`unrelated`). The model then generates from y
+(`memguard.sampling.generate`) and `memguard.attacks.targets.RecoveryJudge` says whether the
+generation recovers the target. DoRI finds such triggers for memorized images in models that
+pruning (NeMo, Wanda: `memguard.mitigations`) had made stop replicating from the prompt.
+
+Every `check_every` steps, and at the start and the end, the attack generates from the current
+y (always from the same starting noise) and judges it. `steps_to_replicate` is the first checked
+step at which the generation recovers the target (0: the start already does; None: not within
+`steps`), an upper bound at the checks' resolution: the steps a memorized image needs, beside
+those of a non-memorized one. The losses reported are means over a probe batch of timesteps and
+noise drawn once per target, so that they compare across steps.
+
+Randomness: target i's draws (the Gaussian start, the probe, every step's timesteps and noise)
+come from a `torch.Generator` seeded with seed + i, and every generation starts from the noise
+of `seed` (sampling's convention), so the same seed gives the same triggers.
+
+Output (`run_trigger_attack`): `triggers.safetensors` (one (L, d) tensor per target, named as
+the target), `generations/` (an image folder: each target's last generation, captioned with its
+original prompt) and `triggers.json` (per target: init, losses, the verdict, the distance, the
+steps to replicate and every check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+
+from memguard.attacks.targets import RecoveryJudge, Targets, Verdict, read_targets
+from memguard.config import ConfigError, TriggerConfig, to_dict
+from memguard.data.folder import ImageFolderDataset
+from memguard.diffusion import per_sample_loss, to_latents
+from memguard.io import DiffusionModel, atomic_path, load_model, write_json
+from memguard.metrics.intervals import rate_of
+from memguard.sampling import generate, save_samples
+
+Draw = tuple[torch.Tensor, torch.Tensor]  # timesteps (B,) and noise (B, C, H, W)
+
+TRIGGERS_FILE = "triggers.safetensors"
+RESULTS_FILE = "triggers.json"
+GENERATIONS_DIR = "generations"
+
+
+def initial_states(
+    model: DiffusionModel,
+    init: str,
+    prompt: str | None,
+    unrelated_prompt: str,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Where the conditioning starts, (L, d) on the CPU (see the module docstring)."""
+    if init == "unrelated":
+        return model.encoder.encode([unrelated_prompt])[0].cpu()
+    if init == "prompt":
+        if prompt is None:
+            raise ConfigError(
+                "--init prompt: a target has no caption to start from; give the images as a "
+                "folder with captions, or use --init gaussian or unrelated"
+            )
+        return model.encoder.encode([prompt])[0].cpu()
+    if init == "gaussian":
+        own = model.encoder.encode([prompt or ""])[0].cpu()
+        return own.mean() + own.std() * torch.randn(own.shape, generator=generator)
+    raise ValueError(f"init: {init!r} is not one of prompt, gaussian, unrelated")
+
+
+@dataclass(frozen=True)
+class Check:
+    """The conditioning at one step: its probe loss, and the verdict on its generation."""
+
+    step: int
+    loss: float
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class TriggerRun:
+    """One target's attack: the trigger, every check, and the last check's generation."""
+
+    trigger: torch.Tensor  # (L, d)
+    checks: list[Check]  # the first at step 0, the last at the final step
+    generation: torch.Tensor  # (3, H, W) in [0, 1]
+
+    @property
+    def steps_to_replicate(self) -> int | None:
+        return next((c.step for c in self.checks if c.verdict.replicated), None)
+
+
+class TriggerAttack:
+    """DoRI's optimization of the conditioning against a frozen model, judged by `judge`."""
+
+    def __init__(self, model: DiffusionModel, judge: RecoveryJudge, config: TriggerConfig):
+        self.model, self.judge, self.config = model, judge, config
+        self.scheduler = DDPMScheduler.from_config(model.scheduler_config)
+
+    def _draw(self, x0: torch.Tensor, generator: torch.Generator) -> Draw:
+        """Timesteps and noise for a batch of copies of `x0`, drawn on the CPU."""
+        size = self.config.batch_size
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (size,), generator=generator)
+        noise = torch.randn((size, *x0.shape), generator=generator)
+        return timesteps.to(x0.device), noise.to(x0.device)
+
+    def _loss(self, x0: torch.Tensor, states: torch.Tensor, draw: Draw) -> torch.Tensor:
+        timesteps, noise = draw
+        size = len(timesteps)
+        return per_sample_loss(
+            self.model.unet, self.scheduler, x0.expand(size, *x0.shape),
+            states.expand(size, *states.shape), timesteps, noise,
+        ).mean()  # fmt: skip
+
+    def _check(
+        self, index: int, step: int, x0: torch.Tensor, states: torch.Tensor, probe: Draw
+    ) -> tuple[Check, torch.Tensor]:
+        config = self.config
+        with torch.no_grad():
+            loss = float(self._loss(x0, states, probe))
+        image = generate(
+            self.model, states.detach()[None], 1, config.seed, config.scheduler,
+            config.num_inference_steps, config.guidance_scale,
+        )  # fmt: skip
+        return Check(step, loss, self.judge(image, [index])[0]), image[0]
+
+    def run(self, targets: Targets, index: int) -> TriggerRun:
+        """Attack target `index`."""
+        config, model = self.config, self.model
+        generator = torch.Generator().manual_seed(config.seed + index)
+        start = initial_states(
+            model, config.init, targets.prompts[index], config.unrelated_prompt, generator
+        )
+        pixels = targets.model_pixels()[index : index + 1].to(model.device)
+        x0 = (to_latents(model.vae, pixels) if model.vae is not None else pixels)[0]
+        probe = self._draw(x0, generator)
+        states = start.to(model.device).clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([states], lr=config.learning_rate)
+        checks = []
+        for step in range(config.steps + 1):
+            if step % config.check_every == 0 or step == config.steps:
+                check, generation = self._check(index, step, x0, states, probe)
+                checks.append(check)
+            if step == config.steps:
+                break
+            loss = self._loss(x0, states, self._draw(x0, generator))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return TriggerRun(states.detach().cpu(), checks, generation)
+
+
+def _target_row(
+    targets: Targets, index: int, run: TriggerRun, judge: RecoveryJudge, init: str
+) -> dict:
+    first, last = run.checks[0], run.checks[-1]
+    return {
+        "name": targets.names[index],
+        "prompt": targets.prompts[index],
+        "target_in_train": judge.target_in_train(index),
+        "init": init,
+        "initial_loss": first.loss,
+        "final_loss": last.loss,
+        **asdict(last.verdict),
+        "steps_to_replicate": run.steps_to_replicate,
+        "checks": [{"step": c.step, "loss": c.loss, **asdict(c.verdict)} for c in run.checks],
+        "trigger": targets.names[index],
+        "generation": f"{GENERATIONS_DIR}/{index:04d}_00.png",
+    }
+
+
+def run_trigger_attack(config: TriggerConfig) -> dict:
+    """Attack every target; write the triggers, the generations and triggers.json (see the
+    module docstring); return what triggers.json holds."""
+    model = load_model(config.model, config.device)
+    targets = read_targets(config.images, model.image_size)
+    train = None
+    if config.train_data_dir is not None:
+        train = ImageFolderDataset(config.train_data_dir, model.image_size)
+    judge = RecoveryJudge(
+        targets, train, config.replication_threshold, config.distance_threshold, model.device
+    )
+    attack = TriggerAttack(model, judge, config)
+    runs = [attack.run(targets, index) for index in range(len(targets))]
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output / TRIGGERS_FILE) as partial:
+        triggers = zip(targets.names, runs, strict=True)
+        save_file({name: run.trigger.contiguous() for name, run in triggers}, str(partial))
+    captions = [prompt or "" for prompt in targets.prompts]
+    save_samples(torch.stack([r.generation for r in runs]), captions, 1, config.seed,
+                 output / GENERATIONS_DIR)  # fmt: skip
+    rows = [_target_row(targets, i, run, judge, config.init) for i, run in enumerate(runs)]
+    results = {
+        "attack": "DoRI embedding trigger (Kowalczuk et al., arXiv 2507.16880)",
+        "model": config.model,
+        "images": config.images,
+        "settings": to_dict(config),
+        "criterion": judge.criterion(),
+        "replicated": rate_of(row["replicated"] for row in rows),
+        "targets": rows,
+    }
+    write_json(output / RESULTS_FILE, results)
+    return results
