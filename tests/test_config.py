@@ -54,13 +54,3 @@ def test_cli_reports_bad_values_without_traceback(capsys: pytest.CaptureFixture)
         cli.main(["train", "--train_data_dir", "d", "--train_batch_size", "many"])
     assert exit_info.value.code == 2
     assert "train_batch_size: expected an integer, got 'many'" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "command", [[], ["data", "shapes"], ["train"], ["sample"], ["replication"]]
-)
-def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([*command, "--help"])
-    assert exit_info.value.code == 0
-    assert "usage: memguard" in capsys.readouterr().out
