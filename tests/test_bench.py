@@ -132,7 +132,8 @@ def test_projection_spec_makes_each_runs_config() -> None:
     )
     assert projection.config.exemplars == "/d/seed-2/concept_exemplars"
     assert (config.seed, config.resume_from_checkpoint) == (2, "latest")
-    assert config.max_train_steps == 3000 and projection.mode == "image"  # base file
+    base = yaml.safe_load((CONFIGS.parent / "benchmark.yaml").read_text())
+    assert config.max_train_steps == base["max_train_steps"] and projection.mode == "image"
     assert spec.select(["image"], [7]).arms == (image,)
     assert spec.select(seeds=[1, 2], data_seed=0).data_seed_of(2) == 0
     with pytest.raises(ConfigError, match="no arm"):

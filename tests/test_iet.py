@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
@@ -293,7 +294,9 @@ def test_lora_proxies_average_their_adapters_over_one_base(shapes_dir, pipeline_
 
 
 def test_the_bench_spec_compares_arms_on_equal_sample_budgets() -> None:
-    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "bench" / "iet.yaml")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    spec = load_spec(configs / "bench" / "iet.yaml")
+    base = yaml.safe_load((configs / "benchmark.yaml").read_text())
     assert [arm.name for arm in spec.arms] == ["plain", "agc", "iet", "iet_agc", "iet_agc_plus"]
     assert spec.seeds == (0, 1, 2)
     budgets = set()
@@ -302,4 +305,4 @@ def test_the_bench_spec_compares_arms_on_equal_sample_budgets() -> None:
         budgets.add(config.max_train_steps * config.train_batch_size)
         if arm.name == "iet_agc_plus":
             assert [d.name for d in defenses] == ["agc", "taa"] and config.redistribute == 0.2
-    assert budgets == {3000 * 64}
+    assert budgets == {base["max_train_steps"] * base["train_batch_size"]}
