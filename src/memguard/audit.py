@@ -14,7 +14,11 @@ UNet folder, a Stable Diffusion pipeline folder) and the image folder it was tra
 - FID/KID with an Inception network from a local TorchScript file;
 - the measures of an audit plugin, when one is selected (`memguard.audit_plugins`): on the
   shapes benchmark, the judge's held-out accuracy, FID/KID against the held-out split,
-  attribute accuracy, and concept extraction.
+  attribute accuracy, and concept extraction;
+- with `--attacks trigger`, replication of the memorized images (the plugin's planted
+  duplicates, else the images found replicated, or `--attack_targets`) under DoRI's
+  embedding-trigger attack (Kowalczuk et al., arXiv 2507.16880) beside their prompts'
+  (`memguard.audit_attacks`).
 
 Prompts come in three kinds: *duplicated* (a planted duplicate's caption when the folder has a
 `duplicate_group` column, otherwise a training caption with a repeated image), *ordinary* (any
@@ -44,6 +48,7 @@ import torch
 from PIL import Image
 
 from memguard import __version__
+from memguard.audit_attacks import ATTACK_RUNNERS
 from memguard.audit_plugins import AuditPlugin, plugin_class, selected
 from memguard.config import AuditConfig, to_dict
 from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata, unit_float
@@ -266,6 +271,8 @@ class Auditor:
         self.model: DiffusionModel = load_model(config.model, config.device)
         self.device = self.model.device
         self.warnings: list[str] = []
+        self.attacks = {name: ATTACK_RUNNERS[name](config, self.model.image_size)
+                        for name in config.attacks}  # fmt: skip
         if self.plugin is not None:
             self.plugin.setup(self)
 
@@ -430,6 +437,11 @@ class Auditor:
                 "name": self.plugin.name,
                 "selected_by": self.selected_by,
                 **self.plugin.measure(self, train, samples, kinds),
+            }
+        if self.attacks:
+            results["attacks"] = {
+                name: attack.run(self, train, distinct[1], replication)
+                for name, attack in self.attacks.items()
             }
         results["warnings"] = self.warnings
         results["seconds"] = time.perf_counter() - start

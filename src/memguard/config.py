@@ -142,6 +142,9 @@ def _require(condition: bool, message: str) -> None:
 
 # ------------------------------------------------------------------------------------ configs
 
+TRIGGER_INITS = ("prompt", "gaussian", "unrelated")  # where DoRI's conditioning starts
+AUDIT_ATTACKS = ("trigger",)  # what `memguard audit --attacks` runs after the audit
+
 IET_ONLY = ("num_proxies", "rounds", "shard_by", "redistribute")  # settings of --strategy iet
 
 # Settings of a from-scratch model that a pretrained pipeline brings itself (None: the default).
@@ -456,6 +459,31 @@ class AuditConfig:
         "and concept extraction) or 'none' (default: the plugin the dataset declares, as "
         "'benchmark' in the dataset.json above the training folder)",
     )
+    attacks: tuple[str, ...] = option(
+        (),
+        "attacks on the memorized images after the audit, their replication beside the "
+        "prompts' (repeatable): 'trigger', DoRI's embedding trigger (Kowalczuk et al., arXiv "
+        "2507.16880)",
+    )
+    attack_targets: str | None = option(
+        None,
+        "the attacks' targets: an image folder with metadata.jsonl, a file listing image paths "
+        "(each optionally followed by a tab and its caption) or one image (default: the "
+        "benchmark plugin's planted duplicates, else the training images the audit found "
+        "replicated)",
+    )
+    attack_max_targets: int = option(
+        10,
+        "attack at most this many targets: the first planted duplicates, the most replicated "
+        "training images, or the first listed (10: every planted duplicate of the shapes "
+        "benchmark, about 10 s each for its model on one CPU thread)",
+    )
+    trigger_init: str = option(
+        "prompt",
+        "trigger attack: where the conditioning starts (as `memguard attack trigger --init`)",
+        choices=TRIGGER_INITS,
+    )
+    trigger_steps: int = option(50, "trigger attack: Adam steps on the conditioning")
     batch_size: int = option(64, "images denoised at once")
     device: str | None = option(
         None,
@@ -473,6 +501,17 @@ class AuditConfig:
         _require(self.detection_steps >= 0, "detection_steps: must be >= 0")
         _require(self.inversion_steps >= 0, "inversion_steps: must be >= 0")
         _require(self.chunk_size > 0, "chunk_size: must be positive")
+        for attack in self.attacks:
+            _require(
+                attack in AUDIT_ATTACKS,
+                f"attacks: unknown attack {attack!r} (known: {', '.join(AUDIT_ATTACKS)})",
+            )
+        _require(
+            len(set(self.attacks)) == len(self.attacks),
+            f"attacks: {list(self.attacks)} names an attack twice",
+        )
+        _require(self.attack_max_targets > 0, "attack_max_targets: must be positive")
+        _require(self.trigger_steps > 0, "trigger_steps: must be positive")
 
 
 @dataclass(frozen=True)
@@ -500,7 +539,7 @@ class TriggerConfig:
         "prompt",
         "where the conditioning starts: the original prompt's text states, Gaussian noise with "
         "their mean and spread, or an unrelated prompt's states",
-        choices=("prompt", "gaussian", "unrelated"),
+        choices=TRIGGER_INITS,
     )
     unrelated_prompt: str = option(
         "a bowl of fruit on a kitchen table", "the prompt whose states --init unrelated starts from"

@@ -53,6 +53,7 @@ Draw = tuple[torch.Tensor, torch.Tensor]  # timesteps (B,) and noise (B, C, H, W
 TRIGGERS_FILE = "triggers.safetensors"
 RESULTS_FILE = "triggers.json"
 GENERATIONS_DIR = "generations"
+ATTACK = "DoRI embedding trigger (Kowalczuk et al., arXiv 2507.16880)"
 
 
 def initial_states(
@@ -180,19 +181,19 @@ def _target_row(
     }
 
 
-def run_trigger_attack(config: TriggerConfig) -> dict:
-    """Attack every target; write the triggers, the generations and triggers.json (see the
-    module docstring); return what triggers.json holds."""
-    model = load_model(config.model, config.device)
-    targets = read_targets(config.images, model.image_size)
-    train = None
-    if config.train_data_dir is not None:
-        train = ImageFolderDataset(config.train_data_dir, model.image_size)
-    judge = RecoveryJudge(
-        targets, train, config.replication_threshold, config.distance_threshold, model.device
-    )
+def attack_targets(
+    model: DiffusionModel, targets: Targets, judge: RecoveryJudge, config: TriggerConfig
+) -> list[TriggerRun]:
+    """Attack every target of `targets` in turn (target i's draws from `config.seed` + i)."""
     attack = TriggerAttack(model, judge, config)
-    runs = [attack.run(targets, index) for index in range(len(targets))]
+    return [attack.run(targets, index) for index in range(len(targets))]
+
+
+def write_attack(
+    targets: Targets, runs: list[TriggerRun], judge: RecoveryJudge, config: TriggerConfig
+) -> dict:
+    """Write the triggers, the generations and triggers.json under `config.output_dir` (see
+    the module docstring); return what triggers.json holds."""
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / TRIGGERS_FILE) as partial:
@@ -203,7 +204,7 @@ def run_trigger_attack(config: TriggerConfig) -> dict:
                  output / GENERATIONS_DIR)  # fmt: skip
     rows = [_target_row(targets, i, run, judge, config.init) for i, run in enumerate(runs)]
     results = {
-        "attack": "DoRI embedding trigger (Kowalczuk et al., arXiv 2507.16880)",
+        "attack": ATTACK,
         "model": config.model,
         "images": config.images,
         "settings": to_dict(config),
@@ -213,3 +214,18 @@ def run_trigger_attack(config: TriggerConfig) -> dict:
     }
     write_json(output / RESULTS_FILE, results)
     return results
+
+
+def run_trigger_attack(config: TriggerConfig) -> dict:
+    """`memguard attack trigger`: attack every target of `config.images`; write the triggers,
+    the generations and triggers.json (see the module docstring); return what triggers.json
+    holds."""
+    model = load_model(config.model, config.device)
+    targets = read_targets(config.images, model.image_size)
+    train = None
+    if config.train_data_dir is not None:
+        train = ImageFolderDataset(config.train_data_dir, model.image_size)
+    judge = RecoveryJudge(
+        targets, train, config.replication_threshold, config.distance_threshold, model.device
+    )
+    return write_attack(targets, attack_targets(model, targets, judge, config), judge, config)

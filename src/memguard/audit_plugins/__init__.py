@@ -5,7 +5,8 @@ The generic measures (replication after Gu et al. 2023, IET's MQ after Liu et al
 feature similarity after Somepalli et al. 2023, detection after Wen et al., ICLR 2024, and
 Inception FID/KID) run on any model and training folder. A plugin adds what its dataset can
 score: the shapes benchmark (`memguard.audit_plugins.shapes`) judges attributes and the
-sensitive concept, and attacks the concept.
+sensitive concept, attacks the concept, and names its planted duplicates, the targets of the
+audit's attacks on memorized images (`memguard.audit_attacks`).
 
 A plugin is selected by name, with `--benchmark NAME` (the AuditConfig key `benchmark`), or by
 the dataset's own declaration: `"benchmark": NAME` in the `dataset.json` of the folder that
@@ -46,6 +47,11 @@ class AuditPlugin(ABC):
     def descriptor(self) -> Descriptor | None:
         """Image features for the similarity measure when the audit is given no SSCD file."""
         return None
+
+    def planted_duplicates(self, train: ImageFolderDataset) -> list[int]:
+        """Indices of training images the dataset planted to be memorized, one per distinct
+        image (the targets of `memguard audit --attacks`); none by default."""
+        return []
 
     @abstractmethod
     def measure(

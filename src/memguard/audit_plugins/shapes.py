@@ -10,7 +10,9 @@ that `memguard data shapes` writes): what the benchmark's ground truth lets the 
   that name the concept, paraphrase it, or carry a learned embedding of it (textual inversion,
   Gal et al. 2023, on the held-out concept exemplars), and from the generic prompts they extend
   (the base rate): the attacks on concept-level selective learning (Kothandaraman & Pytlarz,
-  arXiv 2512.11194).
+  arXiv 2512.11194);
+- the planted duplicates, one copy each: the targets of the audit's attacks on memorized images
+  (`memguard audit --attacks trigger`, `memguard.audit_attacks`).
 
 The benchmark's layout is that of `memguard data shapes`: the training folder's parent holds
 `test/` and `concept_exemplars/` beside it.
@@ -66,6 +68,15 @@ class ShapesBenchmark(AuditPlugin):
         return Descriptor(
             "judge features, centred on the training set's mean", self.judge.features, centre=True
         )
+
+    def planted_duplicates(self, train: ImageFolderDataset) -> list[int]:
+        """The first copy of each planted duplicate (metadata `duplicate_group` >= 0), by
+        group."""
+        first: dict[int, int] = {}
+        for index, group in enumerate(train.column("duplicate_group")):
+            if group is not None and group >= 0:
+                first.setdefault(group, index)
+        return [first[group] for group in sorted(first)]
 
     def measure(
         self,

@@ -2,8 +2,10 @@
 
 The page holds a summary table (the rows of `memguard.report.summary`), a gallery of the most
 replicated generations beside their nearest training images (read from the folders that
-results.json names), histograms of the Gu ratio, the MQ curves (IET's and memguard's variant)
-and concept-extraction bars; every rate with its 95% interval. Plots are matplotlib PNGs and
+results.json names), with `--attacks trigger` a strip per memorized target (the target, its
+prompt's generation, its DoRI trigger's generation; Kowalczuk et al., arXiv 2507.16880),
+histograms of the Gu ratio, the MQ curves (IET's and memguard's variant) and
+concept-extraction bars; every rate with its 95% interval. Plots are matplotlib PNGs and
 images are inlined as base64, so the file opens anywhere with no network.
 """
 
@@ -20,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from memguard.metrics.intervals import format_rate  # noqa: E402
 from memguard.report.summary import summary_rows  # noqa: E402
 
 STYLE = """
@@ -30,6 +33,10 @@ th { text-align: left; background: #f4f4f4; } .warn { color: #b00; font-weight: 
 .pair { display: inline-block; margin: 6px; text-align: center; font-size: 0.8em; }
 .pair img { image-rendering: pixelated; width: 96px; height: 96px; border: 1px solid #ccc; }
 .plots img { max-width: 48%; }
+.strip { display: inline-block; margin: 6px; padding: 4px; border: 1px solid #eee; }
+.strip img { image-rendering: pixelated; width: 96px; height: 96px; border: 1px solid #ccc; }
+.strip .none { display: inline-block; width: 96px; height: 96px; vertical-align: top; }
+.strip figcaption { font-size: 0.8em; max-width: 300px; }
 """
 
 
@@ -69,6 +76,43 @@ def _gallery(results: dict, count: int = 12) -> str:
             f"{' (replica)' if g['replica'] else ''}</div>"
         )
     return "".join(cells)
+
+
+def _verdict(row: dict, prefix: str) -> str:
+    if row[f"{prefix}_replicated"] is None:
+        return f"{prefix}: no prompt"
+    ratio = row[f"{prefix}_ratio"]
+    measure = (
+        f"d1/d2 = {ratio:.3f}" if ratio is not None else f"L2 = {row[prefix + '_distance']:.3f}"
+    )
+    return f"{prefix}: {measure}{' (replica)' if row[f'{prefix}_replicated'] else ''}"
+
+
+def _trigger_strips(section: dict) -> str:
+    """The trigger attack's line of both rates, and a strip per target: the target, its
+    prompt's generation, its trigger's generation."""
+    folder = Path(section["dir"])
+    line = (
+        f"<p>{len(section['targets'])} targets ({html.escape(section['targets_from'])}) "
+        f"replicated from their prompts: {format_rate(section['prompt_replicated'])}; "
+        f"under the embedding-trigger attack: {format_rate(section['trigger_replicated'])}</p>"
+    )
+    strips = []
+    for row in section["targets"]:
+        images = [
+            f'<img src="data:image/png;base64,{_image(folder / path)}" title="{title}">'
+            if path is not None
+            else '<span class="none">no prompt</span>'
+            for path, title in ((row["image"], "target"), (row["prompt_generation"], "prompt"),
+                                (row["trigger_generation"], "trigger"))
+        ]  # fmt: skip
+        caption = f"{row['target']}: {row['prompt'] or '(no caption)'}"
+        strips.append(
+            f'<figure class="strip">{"".join(images)}<figcaption>{html.escape(caption[:60])}'
+            f"<br>{html.escape(_verdict(row, 'prompt'))}<br>"
+            f"{html.escape(_verdict(row, 'trigger'))}</figcaption></figure>"
+        )
+    return line + "".join(strips)
 
 
 def _bars(rates: list[dict]) -> tuple[list[float], list[list[float]]]:
@@ -121,6 +165,13 @@ def render_report(results: dict, output: str | Path) -> Path:
     warnings = "".join(
         f'<p class="warn">WARNING: {html.escape(w)}</p>' for w in results["warnings"]
     )
+    trigger = (results.get("attacks") or {}).get("trigger")
+    attacks = ""
+    if trigger:
+        attacks = (
+            "<h2>Embedding-trigger attack (DoRI): target | prompt's generation | trigger's "
+            f"generation</h2>\n{_trigger_strips(trigger)}\n"
+        )
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>memguard audit</title><style>{STYLE}</style></head><body>
 <h1>memguard audit</h1>
@@ -131,7 +182,7 @@ training data: <code>{html.escape(results["train_data"]["path"])}</code>
 <h2>Summary</h2>{_table(["measure", "value [95% interval]"], summary)}
 <h2>Most replicated generations (left) and their nearest training images (right)</h2>
 {_gallery(results)}
-<h2>Distributions</h2><div class="plots">{_plots(results)}</div>
+{attacks}<h2>Distributions</h2><div class="plots">{_plots(results)}</div>
 </body></html>"""
     output.write_text(page)
     return output

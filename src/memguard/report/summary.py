@@ -4,8 +4,9 @@ report.html's table and `memguard compare`. A figure added to results.json is ad
 
 Every rate is written with its 95% Wilson interval (`memguard.metrics.intervals`); the sections
 are replication (Gu et al. 2023) and MQ (IET-AGC, Liu et al., ECCV 2024), detection (Wen et al.,
-ICLR 2024), feature similarity (Somepalli et al. 2023), Inception FID/KID, and the section of
-the audit plugin that ran, formatted by that plugin.
+ICLR 2024), feature similarity (Somepalli et al. 2023), Inception FID/KID, the section of the
+audit plugin that ran, formatted by that plugin, and the attacks on memorized images (DoRI's
+embedding trigger, Kowalczuk et al., arXiv 2507.16880).
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ def benchmark_rows(section: dict) -> list[Row]:
     return plugin_class(section.get("name", "shapes")).summary_rows(section)
 
 
+TRIGGER_PROMPT = "memorized targets replicated from their prompts"
+TRIGGER_ATTACK = "memorized targets replicated under the embedding-trigger attack (DoRI)"
+
+
+def trigger_rows(section: dict) -> list[Row]:
+    """The two rates of the trigger attack's targets, side by side: from the prompt, from the
+    trigger."""
+    return [
+        rate_row(TRIGGER_PROMPT, section["prompt_replicated"]),
+        rate_row(TRIGGER_ATTACK, section["trigger_replicated"]),
+    ]
+
+
 def summary_rows(results: dict) -> list[Row]:
     """Every figure of an audit's results, in the order the summary prints them."""
     rows = replication_rows(results["replication"])
@@ -88,6 +102,8 @@ def summary_rows(results: dict) -> list[Row]:
         rows += inception_rows(results["inception_quality"])
     if results.get("benchmark"):
         rows += benchmark_rows(results["benchmark"])
+    if (results.get("attacks") or {}).get("trigger"):
+        rows += trigger_rows(results["attacks"]["trigger"])
     for defense in results.get("model_training", {}).get("defenses") or []:  # memguard.json's
         leak = (defense.get("report") or {}).get("leak")
         if leak is not None:
