@@ -72,14 +72,19 @@ def training_targets(train: ImageFolderDataset, indices: list[int]) -> Targets:
     return Targets(names, [train.captions[i] for i in indices], train.stacked(indices))
 
 
-def replicated_images(generations: list[dict], train: ImageFolderDataset) -> list[int]:
-    """Indices of the training images that the audit's replicas (its generation rows) are
-    nearest to, the most replicated first (ties in folder order)."""
+def replicated_images(
+    generations: list[dict], train: ImageFolderDataset, groups: torch.Tensor
+) -> list[int]:
+    """One training image per distinct image that the audit's replicas (its generation rows)
+    are nearest to, the most replicated first, copies' replicas counted together (ties, and
+    which copy names the image: folder order)."""
     index_of: dict[str, int] = {}
     for index, record in enumerate(train.records):
         index_of.setdefault(record.path.name, index)  # the rows' `nearest_file`
-    hits = Counter(index_of[row["nearest_file"]] for row in generations if row["replica"])
-    return sorted(hits, key=lambda index: (-hits[index], index))
+    hit = [index_of[row["nearest_file"]] for row in generations if row["replica"]]
+    counts = Counter(int(groups[index]) for index in hit)
+    first = distinct_first(sorted(hit), groups)
+    return sorted(first, key=lambda index: (-counts[int(groups[index])], index))
 
 
 def distinct_first(indices: list[int], groups: torch.Tensor) -> list[int]:
@@ -167,7 +172,7 @@ class TriggerAudit:
             indices = distinct_first(planted, groups)
         else:
             source = "the training images the audit found replicated, the most replicated first"
-            indices = distinct_first(replicated_images(replication["generations"], train), groups)
+            indices = replicated_images(replication["generations"], train, groups)
         return ChosenTargets(training_targets(train, indices[:limit]), source, len(indices))
 
     def trigger_config(self, output: Path, images: Path) -> TriggerConfig:
