@@ -476,7 +476,7 @@ class AuditConfig:
         10,
         "attack at most this many targets: the first planted duplicates, the most replicated "
         "training images, or the first listed (10: every planted duplicate of the shapes "
-        "benchmark, about 10 s each for its model on one CPU thread)",
+        "benchmark, 10 to 20 s each for its model on one CPU thread)",
     )
     trigger_init: str = option(
         "prompt",
