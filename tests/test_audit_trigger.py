@@ -69,6 +69,8 @@ def test_the_attacks_option_and_its_errors(
     assert "attacks: unknown attack 'extraction' (known: trigger)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="names an attack twice"):
         AuditConfig(model="m", train_data_dir="d", attacks=("trigger", "trigger"))
+    with pytest.raises(ConfigError, match="attack_targets: the targets of --attacks"):
+        AuditConfig(model="m", train_data_dir="d", attack_targets="targets.txt")
 
     # memguard bench forwards the audit's keys as they are, {data} filled in
     spec = tmp_path / "spec.yaml"

@@ -510,6 +510,10 @@ class AuditConfig:
             len(set(self.attacks)) == len(self.attacks),
             f"attacks: {list(self.attacks)} names an attack twice",
         )
+        _require(
+            self.attack_targets is None or bool(self.attacks),
+            "attack_targets: the targets of --attacks; name an attack (--attacks trigger)",
+        )
         _require(self.attack_max_targets > 0, "attack_max_targets: must be positive")
         _require(self.trigger_steps > 0, "trigger_steps: must be positive")
 
