@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import cli_flags, tiny_run, tiny_settings, train_tiny
-from memguard import Trainer
+from memguard import Trainer, cli
 from memguard.attacks.trigger import denoising_losses, draw, optimize_conditioning
 from memguard.config import ConfigError
 from memguard.data.folder import DataError, ImageFolderDataset
@@ -185,15 +185,38 @@ def test_killed_run_resumes_to_the_same_weights(
     assert report[0]["report"]["attacks"] == 8
 
 
-def test_it_composes_with_iet_and_agc(shapes_dir, start, listing, tmp_path) -> None:
+def test_it_composes_with_iet_and_agc_from_a_pruned_model(
+    shapes_dir, start, listing, tmp_path
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(line.split("\t")[1] for line in listing.read_text().splitlines()))
+    cli.main(
+        ["mitigate", "--model", str(start), "--method", "wanda", "--prompts", str(prompts),
+         "--output_dir", str(tmp_path / "pruned"), "--num_images", "1",
+         "--num_inference_steps", "2", "--device", "cpu"]
+    )  # fmt: skip
     settings = adversarial(
-        start, listing, strategy="iet", defense=["agc", "adversarial"], num_proxies=2, rounds=1,
-        max_train_steps=4, adv_inner_steps=2,
+        tmp_path / "pruned", listing, strategy="iet", defense=["agc", "adversarial"],
+        num_proxies=2, rounds=1, max_train_steps=4, adv_inner_steps=2,
     )  # fmt: skip
     metadata = train_tiny(shapes_dir / "train", tmp_path / "iet", **settings)
     agc, adv = metadata["defenses"]
     assert (agc["name"], adv["name"]) == ("agc", "adversarial")
     assert [proxy["attacks"] for proxy in adv["report"]["proxies"]] == [2, 2]
+    assert metadata["config"]["pretrained_model_name_or_path"] == str(tmp_path / "pruned")
+
+
+def test_it_fine_tunes_a_latent_model(shapes_dir, pipeline_dir, listing, tmp_path) -> None:
+    """The memorized images and the surrogates go through the VAE; the pipeline's layout stays."""
+    metadata = train_tiny(
+        shapes_dir / "train", tmp_path / "sd",
+        **adversarial(pipeline_dir, listing, text_encoder="clip", resolution=16,
+                      max_train_steps=2, adv_inner_steps=2),
+    )  # fmt: skip
+    assert metadata["defenses"][0]["report"]["attacks"] == 2
+    assert (tmp_path / "sd" / "unet").is_dir() and (tmp_path / "sd" / "vae").is_dir()
+    surrogates = ImageFolderDataset(tmp_path / "sd" / SURROGATES_DIR, 16)
+    assert len(surrogates) == 2
 
 
 def test_bad_input_is_an_error_naming_the_file(shapes_dir, start, listing, tmp_path) -> None:
