@@ -166,7 +166,10 @@ class TrainConfig:
     image_column: str = option("file_name", "metadata column holding the image path")
     caption_column: str = option("text", "metadata column holding the caption")
     pretrained_model_name_or_path: str | None = option(
-        None, "local Stable Diffusion pipeline folder; train its UNet in VAE latent space"
+        None,
+        "fine-tune a model folder: a local Stable Diffusion pipeline (its UNet trains in VAE "
+        "latent space) or a UNet folder that memguard train or mitigate wrote (it brings its "
+        "text encoder and noise schedule)",
     )
     model_preset: str | None = option(
         None,
@@ -234,8 +237,10 @@ class TrainConfig:
         "plain",
         "plain: one model, data parallel over the processes; iet: iterative ensemble training "
         "(Liu et al., ECCV 2024): proxies train apart on disjoint shards and are averaged "
-        "every round",
-        choices=("plain", "iet"),
+        "every round; adversarial: plain training of a trained model with DoRI's adversarial "
+        "fine-tuning attached (Kowalczuk et al., arXiv 2507.16880; --memorized FILE, the "
+        "adv_* flags; the same as --defense adversarial, which also composes with iet)",
+        choices=("plain", "iet", "adversarial"),
     )
     num_proxies: int | None = option(None, "iet: proxy models, one per shard (required)")
     rounds: int | None = option(

@@ -78,8 +78,9 @@ def _listed(path: Path) -> tuple[list[Record], list[str], list[str | None]]:
     return records, names, prompts
 
 
-def read_targets(path: str | Path, resolution: int) -> Targets:
-    """Targets from an image folder, a list file or one image (see the module docstring)."""
+def read_targets(path: str | Path, resolution: int, flag: str = "--images") -> Targets:
+    """Targets from an image folder, a list file or one image (see the module docstring);
+    `flag`: the option that named `path`, for the error when it does not exist."""
     path = Path(path)
     if path.is_dir():
         records = read_metadata(path)
@@ -90,7 +91,7 @@ def read_targets(path: str | Path, resolution: int) -> Targets:
     elif path.is_file():
         records, names, prompts = _listed(path)
     else:
-        raise FileNotFoundError(f"--images: no such file or folder: {path}")
+        raise FileNotFoundError(f"{flag}: no such file or folder: {path}")
     if len(set(names)) < len(names):
         raise DataError(f"{path}: an image is listed twice")
     pixels = torch.stack([torch.from_numpy(load_image(r, resolution)) for r in records])

@@ -25,6 +25,10 @@ Randomness: target i's draws (the Gaussian start, the probe, every step's timest
 come from a `torch.Generator` seeded with seed + i, and every generation starts from the noise
 of `seed` (sampling's convention), so the same seed gives the same triggers.
 
+The optimization itself (`optimize_conditioning`) is one function for every use: this attack,
+and adversarial fine-tuning (`memguard.defenses.adversarial`), which runs it against the model
+being trained in every step's inner loop.
+
 Output (`run_trigger_attack`): `triggers.safetensors` (one (L, d) tensor per target, named as
 the target), `generations/` (an image folder: each target's last generation, captioned with its
 original prompt) and `triggers.json` (per target: init, losses, the verdict, the distance, the
@@ -33,6 +37,7 @@ steps to replicate and every check).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,6 +106,69 @@ class TriggerRun:
         return next((c.step for c in self.checks if c.verdict.replicated), None)
 
 
+def draw(x0: torch.Tensor, copies: int, num_timesteps: int, generator: torch.Generator) -> Draw:
+    """Timesteps and noise for `copies` copies of each image of `x0` (n, C, H, W), image-major,
+    drawn on the CPU from `generator` (timesteps first) and moved to `x0`'s device."""
+    size = len(x0) * copies
+    timesteps = torch.randint(0, num_timesteps, (size,), generator=generator)
+    noise = torch.randn((size, *x0.shape[1:]), generator=generator)
+    return timesteps.to(x0.device), noise.to(x0.device)
+
+
+def denoising_losses(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    states: torch.Tensor,
+    draw_: Draw,
+) -> torch.Tensor:
+    """The denoising loss of each image of `x0` (n, C, H, W) under its conditioning `states`
+    (n, L, d), averaged over its copies in `draw_` (`draw`'s layout): (n,)."""
+    timesteps, noise = draw_
+    copies = len(timesteps) // len(x0)
+    return per_sample_loss(
+        unet, scheduler, x0.repeat_interleave(copies, dim=0),
+        states.repeat_interleave(copies, dim=0), timesteps, noise,
+    ).view(len(x0), copies).mean(dim=1)  # fmt: skip
+
+
+def optimize_conditioning(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    start: torch.Tensor,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    generator: torch.Generator,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRI's attack: Adam on the conditioning y (n, L, d), from `start`, so that `unet`
+    denoises the images `x0` (n, C, H, W), each under its own y. Each of the `steps` steps
+    draws fresh timesteps and noise for `batch_size` copies of every image from `generator`.
+    Only y is differentiated (`torch.autograd.grad`): nothing reaches the model's gradients,
+    whether its weights require them or not. `observe(step, y)` is called before each step and
+    after the last. Returns the triggers (detached) and the last step's loss per image (n,)
+    (zeros when `steps` is 0)."""
+    states = start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([states], lr=learning_rate)
+    last = torch.zeros(len(x0))
+    num_timesteps = scheduler.config.num_train_timesteps
+    with torch.enable_grad():
+        for step in range(steps + 1):
+            if observe is not None:
+                observe(step, states)
+            if step == steps:
+                break
+            losses = denoising_losses(
+                unet, scheduler, x0, states, draw(x0, batch_size, num_timesteps, generator)
+            )
+            (states.grad,) = torch.autograd.grad(losses.sum(), [states])
+            optimizer.step()
+            last = losses.detach().float().cpu()
+    return states.detach(), last
+
+
 class TriggerAttack:
     """DoRI's optimization of the conditioning against a frozen model, judged by `judge`."""
 
@@ -108,30 +176,14 @@ class TriggerAttack:
         self.model, self.judge, self.config = model, judge, config
         self.scheduler = DDPMScheduler.from_config(model.scheduler_config)
 
-    def _draw(self, x0: torch.Tensor, generator: torch.Generator) -> Draw:
-        """Timesteps and noise for a batch of copies of `x0`, drawn on the CPU."""
-        size = self.config.batch_size
-        steps = self.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (size,), generator=generator)
-        noise = torch.randn((size, *x0.shape), generator=generator)
-        return timesteps.to(x0.device), noise.to(x0.device)
-
-    def _loss(self, x0: torch.Tensor, states: torch.Tensor, draw: Draw) -> torch.Tensor:
-        timesteps, noise = draw
-        size = len(timesteps)
-        return per_sample_loss(
-            self.model.unet, self.scheduler, x0.expand(size, *x0.shape),
-            states.expand(size, *states.shape), timesteps, noise,
-        ).mean()  # fmt: skip
-
     def _check(
         self, index: int, step: int, x0: torch.Tensor, states: torch.Tensor, probe: Draw
     ) -> tuple[Check, torch.Tensor]:
         config = self.config
         with torch.no_grad():
-            loss = float(self._loss(x0, states, probe))
+            loss = float(denoising_losses(self.model.unet, self.scheduler, x0, states, probe)[0])
         image = generate(
-            self.model, states.detach()[None], 1, config.seed, config.scheduler,
+            self.model, states.detach(), 1, config.seed, config.scheduler,
             config.num_inference_steps, config.guidance_scale,
         )  # fmt: skip
         return Check(step, loss, self.judge(image, [index])[0]), image[0]
@@ -144,22 +196,22 @@ class TriggerAttack:
             model, config.init, targets.prompts[index], config.unrelated_prompt, generator
         )
         pixels = targets.model_pixels()[index : index + 1].to(model.device)
-        x0 = (to_latents(model.vae, pixels) if model.vae is not None else pixels)[0]
-        probe = self._draw(x0, generator)
-        states = start.to(model.device).clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([states], lr=config.learning_rate)
-        checks = []
-        for step in range(config.steps + 1):
+        x0 = to_latents(model.vae, pixels) if model.vae is not None else pixels
+        probe = draw(x0, config.batch_size, self.scheduler.config.num_train_timesteps, generator)
+        checks: list[Check] = []
+        generations: list[torch.Tensor] = []
+
+        def observe(step: int, states: torch.Tensor) -> None:
             if step % config.check_every == 0 or step == config.steps:
                 check, generation = self._check(index, step, x0, states, probe)
                 checks.append(check)
-            if step == config.steps:
-                break
-            loss = self._loss(x0, states, self._draw(x0, generator))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return TriggerRun(states.detach().cpu(), checks, generation)
+                generations.append(generation)
+
+        trigger, _ = optimize_conditioning(
+            model.unet, self.scheduler, x0, start.to(model.device)[None], config.steps,
+            config.learning_rate, config.batch_size, generator, observe,
+        )  # fmt: skip
+        return TriggerRun(trigger[0].cpu(), checks, generations[-1])
 
 
 def _target_row(

@@ -6,8 +6,10 @@ settings dataclass, per mode, chosen by its mode flag. Settings are validated wh
 built: a flag of a defense the run does not attach, or of another mode, is an error naming it.
 Each attached defense is recorded in `memguard.json` as its name and settings (and its report),
 from which `rebuild` makes it again. Most are attached by `--defense NAME`; threshold-aware
-augmentation by `--augment taa`. A defense that reads another (TAA reads AGC) names it in
-`needs`: building it without that one is an error, and it is connected to it once built.
+augmentation by `--augment taa`; adversarial fine-tuning by `--defense adversarial` or by
+`--strategy adversarial` (plain training with it attached). A defense that reads another (TAA
+reads AGC) names it in `needs`: building it without that one is an error, and it is connected
+to it once built.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memguard.config import ConfigError, TrainConfig, build
+from memguard.defenses.adversarial import AdversarialFineTuning
 from memguard.defenses.agc import AntiGradientControl
 from memguard.defenses.base import Defense
 from memguard.defenses.projection_feature import FeatureProjection
@@ -58,6 +61,7 @@ KINDS: dict[str, DefenseKind] = {
             "layers (feature) or the prediction's gradient in image space (image)",
         ),
         DefenseKind("taa", {"": ThresholdAwareAugmentation}, attached_by="augment"),
+        DefenseKind("adversarial", {"": AdversarialFineTuning}),
     )
 }
 
@@ -173,6 +177,8 @@ def build_training(
         if name in KINDS and KINDS[name].attached_by != "defense":
             raise ConfigError(f"{source}: defense: '{name}' is attached by {KINDS[name].flag}")
     names = config.defense + (() if config.augment == "none" else (config.augment,))
+    if config.strategy == "adversarial" and "adversarial" not in names:
+        names += ("adversarial",)  # the strategy is plain training with the defense attached
     return config, build_defenses(names, defense, config, source)
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -25,6 +27,7 @@ from memguard.data.text import CaptionEmbeddings, CLIPEncoder, MiniLMEncoder, Te
 from memguard.defenses.base import Defense, TrainingContext
 from memguard.diffusion import to_latents
 from memguard.distributed import Group
+from memguard.io import load_model
 from memguard.models import add_lora, build_unet, load_stable_diffusion, noise_scheduler
 from memguard.train.draws import StepDraws
 from memguard.train.step import TrainingStep
@@ -40,38 +43,89 @@ class Run:
     unet: torch.nn.Module
     vae: torch.nn.Module | None
     scheduler: object  # the training noise scheduler
+    pipeline: str | None = None  # the Stable Diffusion folder the model comes from, if any
+
+
+def is_pipeline(path: str | Path) -> bool:
+    """Whether a model folder is a Stable Diffusion pipeline folder (else a UNet folder)."""
+    return (Path(path) / "unet").is_dir()
+
+
+def _model_folder(config: TrainConfig, device: torch.device):
+    """(encoder, unet, scheduler, vae) of a trained UNet folder (`memguard train`'s or
+    `memguard mitigate`'s output) that the run fine-tunes: it brings its text encoder, which
+    must be the one the config names."""
+    path = config.pretrained_model_name_or_path
+    try:
+        model = load_model(path, device)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            str(error).replace("--model", "--pretrained_model_name_or_path")
+        ) from None
+    spec = model.encoder.spec()
+    wanted = {"name": config.text_encoder}
+    if config.text_encoder == "minilm":
+        wanted["max_length"] = config.max_text_length
+    differs = {key: value for key, value in wanted.items() if spec.get(key) != value}
+    if differs:
+        flags = ", ".join(f"--{'text_encoder' if k == 'name' else 'max_text_length'} "
+                          f"{spec.get(k)}" for k in differs)  # fmt: skip
+        raise ConfigError(
+            f"--pretrained_model_name_or_path {path}: the model was trained with the text "
+            f"encoder {spec}; this run asks for {wanted} (give {flags})"
+        )
+    unet = model.unet.train().requires_grad_(True)
+    return model.encoder, unet, DDPMScheduler.from_config(model.scheduler_config), model.vae
 
 
 def build_run(config: TrainConfig, device: torch.device) -> Run:
-    """Load the data (validated up front), the text encoder and the model, seeded."""
+    """Load the data (validated up front), the text encoder and the model, seeded: a preset
+    UNet from scratch, a Stable Diffusion pipeline's UNet (full or LoRA), or a trained UNet
+    folder's (a plain or a mitigated model, fine-tuned)."""
     dataset = ImageFolderDataset(
         config.train_data_dir, config.resolution, config.image_column, config.caption_column
     )
-    if config.text_encoder == "clip":
-        encoder: TextEncoder = CLIPEncoder(config.pretrained_model_name_or_path)
-    else:
-        encoder = MiniLMEncoder(max_length=config.max_text_length)
-    embeddings = CaptionEmbeddings(encoder, dataset.captions)
-    set_seed(config.seed)
-    if config.pretrained_model_name_or_path is not None:
-        sd = load_stable_diffusion(config.pretrained_model_name_or_path)
-        unet, vae, scheduler = sd.unet, sd.vae, sd.scheduler
+    source = config.pretrained_model_name_or_path
+    pipeline = None
+    if source is not None and Path(source).is_dir() and not is_pipeline(source):
+        encoder, unet, scheduler, vae = _model_folder(config, device)
+        if vae is None and unet.config.sample_size != config.resolution:
+            raise ConfigError(
+                f"resolution: {config.resolution}, but the model in {source} makes "
+                f"{unet.config.sample_size} px images"
+            )
         if config.lora_rank > 0:
+            set_seed(config.seed)
             add_lora(unet, config.lora_rank)
-        vae.to(device)
     else:
-        unet = build_unet(config.scratch("model_preset"), config.resolution, encoder.hidden_size)
-        vae = None
-        scheduler = noise_scheduler(
-            config.scratch("num_train_timesteps"), config.scratch("beta_schedule"),
-            config.scratch("prediction_type"),
-        )  # fmt: skip
+        if config.text_encoder == "clip":
+            encoder: TextEncoder = CLIPEncoder(source)
+        else:
+            encoder = MiniLMEncoder(max_length=config.max_text_length)
+        set_seed(config.seed)
+        if source is not None:
+            sd = load_stable_diffusion(source)
+            unet, vae, scheduler, pipeline = sd.unet, sd.vae, sd.scheduler, source
+            if config.lora_rank > 0:
+                add_lora(unet, config.lora_rank)
+        else:
+            unet = build_unet(
+                config.scratch("model_preset"), config.resolution, encoder.hidden_size
+            )
+            vae = None
+            scheduler = noise_scheduler(
+                config.scratch("num_train_timesteps"), config.scratch("beta_schedule"),
+                config.scratch("prediction_type"),
+            )  # fmt: skip
+    if vae is not None:
+        vae.to(device)
+    embeddings = CaptionEmbeddings(encoder, dataset.captions)
     if unet.config.cross_attention_dim != encoder.hidden_size:
         raise ConfigError(
             f"text_encoder: '{config.text_encoder}' gives states of width {encoder.hidden_size}, "
             f"the UNet expects {unet.config.cross_attention_dim}"
         )
-    return Run(dataset, encoder, embeddings, unet.to(device), vae, scheduler)
+    return Run(dataset, encoder, embeddings, unet.to(device), vae, scheduler, pipeline)
 
 
 def make_step(

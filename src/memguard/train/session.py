@@ -200,9 +200,7 @@ class Session:
                 **(extra or {}),
                 "versions": versions(),
             }
-            save_model(
-                self.output_dir, unet, run.scheduler, metadata, cfg.pretrained_model_name_or_path
-            )
+            save_model(self.output_dir, unet, run.scheduler, metadata, run.pipeline)
         self.world.barrier()
         return TrainResult(
             self.output_dir, self.done, self.last_loss, self._loop_seconds, self.done - self.first

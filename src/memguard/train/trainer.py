@@ -4,7 +4,9 @@ its strategy's loop.
 Plain training (`--strategy plain`, this module) is one `TrainingStep` on every process,
 gradients averaged over all of them: draw the step's randomness (`memguard.train.draws`), cut
 this process's micro-batches, run the step, log, checkpoint. Iterative ensemble training
-(`--strategy iet`, `memguard.train.iet`) drives one step per proxy model instead. Both loops
+(`--strategy iet`, `memguard.train.iet`) drives one step per proxy model instead. Adversarial
+fine-tuning (`--strategy adversarial`, `memguard.defenses.adversarial`) is the plain loop with
+the adversarial defense attached: its inner trigger attack feeds the step's `extra_loss`. Loops
 share the run's parts (`memguard.train.run`) and the session's log, checkpoints and model folder
 (`memguard.train.session`). At the end the EMA weights go into the model, the defenses report
 on it, and the model folder is written (`memguard.io`).
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from memguard.config import TrainConfig
+from memguard.config import ConfigError, TrainConfig
+from memguard.defenses.adversarial import AdversarialFineTuning
 from memguard.defenses.base import Defense
 from memguard.defenses.registry import record
 from memguard.train.checkpoint import load_unit
@@ -72,6 +75,13 @@ class Trainer:
         self.progress = progress
 
     def train(self) -> TrainResult:
+        if self.config.strategy == "adversarial" and not any(
+            isinstance(defense, AdversarialFineTuning) for defense in self.defenses
+        ):
+            raise ConfigError(
+                "strategy: adversarial trains with the adversarial defense attached; build the "
+                "run with memguard.defenses.registry.build_training (or attach it by hand)"
+            )
         session = Session(self.config, self.progress)
         run = build_run(self.config, session.device)
         if self.config.strategy == "iet":

@@ -1,0 +1,303 @@
+"""Adversarial fine-tuning against embedding triggers: DoRI's defense (Kowalczuk et al.,
+"Finding Dori: Memorization in Text-to-Image Diffusion Models Is Less Local Than Assumed",
+arXiv 2507.16880). `memguard train --strategy adversarial --memorized FILE` (plain training with
+this attached; `--defense adversarial` attaches it to any strategy, IET's proxies included).
+
+Pruning a memorized prompt's neurons or weights (NeMo, Wanda: `memguard.mitigations`) stops the
+prompt from replicating, but DoRI's attack (`memguard.attacks.trigger`) still finds a
+conditioning y, near the prompt's text states, under which the model denoises the memorized
+image: the memory is still there. Adversarial fine-tuning trains it out, from a trained (plain or
+mitigated) model. Before the first step, each memorized image's *surrogate* is generated from its
+original prompt by the starting model: what the mitigated model makes instead of the memorized
+image. Then every call of `extra_loss` (one micro-batch of one optimizer step):
+
+1. draws `images` of the memorized images (`--memorized`: a list in the attack's target format,
+   `memguard.attacks.targets`, every image with its prompt);
+2. runs the attack against the model as it is now (`optimize_conditioning`: Adam at
+   `learning_rate` on y from the prompt's states, `inner_steps` steps of `batch_size` copies of
+   the image with fresh timesteps and noise), with gradients to y alone: the model's gradients
+   see nothing of the inner loop;
+3. returns `weight` x L_adv, L_adv the training loss (min-SNR weights included when the run uses
+   them) of the surrogate image conditioned on the detached triggers, on `batch_size` fresh
+   timesteps and noises per image.
+
+The step adds it to L_DM, the ordinary denoising loss of the batch, so one backward trains the
+model to keep its quality and to denoise the found triggers towards the non-replicating
+surrogate. With `weight` 0 the attack still runs, and the weights are plain fine-tuning's
+bit for bit: the term adds exact zeros to the gradients, and its draws come from a stream of
+their own.
+
+Which images. A fixed number per call, drawn from the memorized list, rather than the memorized
+images that happen to be in the batch: the list need not be part of the training folder (the
+audit's memorized images, or duplicates removed from the fine-tuning data), a batch of a large
+folder rarely holds a given image, and a fixed number keeps every outer step's cost the same.
+
+Randomness. A call's draws (the images, the inner loop's timesteps and noise, L_adv's) come from
+a generator seeded by the step's generator's seed (a function of the run's seed and the step,
+and of the proxy under IET) and the micro-batch's index in the step. So a resumed run repeats an
+uninterrupted one, every process of a data-parallel group draws the same attack (the group's
+average is one process's), and the step's own stream, which other defenses read, is untouched.
+
+State: the surrogates (model space: latents for a latent model), computed once and kept in the
+checkpoint so that a resume trains towards the same ones; they are also written as an image
+folder, `adversarial_surrogates/` in the run's output folder, for people to look at.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from memguard.attacks.targets import Targets, read_targets
+from memguard.attacks.trigger import draw, optimize_conditioning
+from memguard.config import ConfigError, option
+from memguard.defenses.base import Defense, TrainingContext, sample_losses
+from memguard.diffusion import to_latents
+from memguard.io import DiffusionModel
+from memguard.sampling import generate, save_samples
+
+SURROGATES_DIR = "adversarial_surrogates"
+REPLICA_RMS = 0.1  # a surrogate this near its image is a replica (the attack's default)
+STREAM = 7  # key of the adversarial draws, beside the step generator's seed
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    """`--strategy adversarial` (or `--defense adversarial`) settings."""
+
+    memorized: str | None = option(
+        None,
+        "adversarial: the memorized images to defend, in the trigger attack's target format "
+        "(an image folder with metadata.jsonl, or a file of image paths each followed by a tab "
+        "and its prompt); every image needs its prompt (required)",
+    )
+    weight: float = option(
+        1.0, "adversarial: weight of L_adv beside the denoising loss", flag="adv_weight"
+    )
+    inner_steps: int = option(
+        50, "adversarial: Adam steps of the inner trigger attack (the paper's 50)",
+        flag="adv_inner_steps",
+    )  # fmt: skip
+    learning_rate: float = option(
+        0.1, "adversarial: the inner attack's Adam learning rate on the conditioning",
+        flag="adv_lr",
+    )  # fmt: skip
+    batch_size: int = option(
+        8, "adversarial: copies of each image per inner step, and in L_adv, each with its own "
+        "timestep and noise", flag="adv_batch_size",
+    )  # fmt: skip
+    images: int = option(
+        1, "adversarial: memorized images attacked per micro-batch, drawn from the list",
+        flag="adv_images",
+    )  # fmt: skip
+    surrogate_steps: int = option(
+        20, "adversarial: DPM-Solver++ steps of the surrogates' generation",
+        flag="adv_surrogate_steps",
+    )  # fmt: skip
+    guidance_scale: float = option(
+        3.0, "adversarial: guidance scale of the surrogates' generation",
+        flag="adv_guidance_scale",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.memorized is None:
+            raise ConfigError(
+                "memorized: required by --strategy adversarial (a file listing the memorized "
+                "images and their prompts)"
+            )
+        at_least_zero = {"adv_weight": self.weight, "adv_inner_steps": self.inner_steps}
+        positive = {
+            "adv_lr": self.learning_rate,
+            "adv_batch_size": self.batch_size,
+            "adv_images": self.images,
+            "adv_surrogate_steps": self.surrogate_steps,
+        }
+        for flag, value in at_least_zero.items():
+            if not value >= 0:
+                raise ConfigError(f"{flag}: must be >= 0, got {value}")
+        for flag, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{flag}: must be positive, got {value}")
+
+
+def read_memorized(path: str | Path, resolution: int) -> Targets:
+    """The memorized images and their prompts; an image without a prompt is an error."""
+    targets = read_targets(path, resolution, flag="--memorized")
+    missing = [
+        name for name, prompt in zip(targets.names, targets.prompts, strict=True) if not prompt
+    ]
+    if missing:
+        raise ConfigError(
+            f"--memorized {path}: no prompt for {', '.join(missing)}; the triggers start from "
+            "an image's prompt and its surrogate is generated from it (list each image with a "
+            "tab and its prompt, or give an image folder with captions)"
+        )
+    return targets
+
+
+def _seed(*key: int) -> int:
+    return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint32)[0] >> 1)
+
+
+class AdversarialFineTuning(Defense):
+    """L_adv on the triggers of memorized images, found anew every step; see the module
+    docstring. `targets`: the memorized images with their prompts; `output_dir`: where the
+    surrogates' image folder goes (None: not written)."""
+
+    name = "adversarial"
+    config_class = AdversarialConfig
+
+    def __init__(
+        self,
+        targets: Targets,
+        config: AdversarialConfig,
+        seed: int = 0,
+        output_dir: str | Path | None = None,
+    ) -> None:
+        self.targets, self.config, self.seed = targets, config, seed
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.surrogates: torch.Tensor | None = None  # (n, C, H, W) model space, on the CPU
+        self._x0: torch.Tensor | None = None  # the memorized images in model space
+        self._states: torch.Tensor | None = None  # their prompts' states (n, L, d)
+        self._step, self._calls = -1, 0  # the step being run, extra_loss calls in it
+        self.attacks = 0
+        self.distances: list[float] = []  # RMS distance of each surrogate to its image
+        self._window: list[float] = [0.0, 0.0, 0.0]  # L_adv sum, trigger loss sum, calls
+
+    @classmethod
+    def for_run(cls, config: AdversarialConfig, run) -> AdversarialFineTuning:
+        if run.pretrained_model_name_or_path is None:
+            raise ConfigError(
+                "adversarial fine-tuning starts from a trained model (plain or mitigated): give "
+                "its folder as --pretrained_model_name_or_path"
+            )
+        targets = read_memorized(config.memorized, run.resolution)
+        return cls(targets, config, seed=run.seed, output_dir=run.output_dir)
+
+    # --------------------------------------------------------------------------- the hooks
+
+    def setup(self, model: nn.Module, optimizer, ctx: TrainingContext | None = None) -> None:
+        if ctx is None or ctx.text_encoder is None or ctx.scheduler is None:
+            raise ValueError("adversarial fine-tuning needs the run's text encoder and scheduler")
+        device = next(model.parameters()).device
+        pixels = self.targets.model_pixels().to(device)
+        with torch.no_grad():
+            self._x0 = to_latents(ctx.vae, pixels) if ctx.vae is not None else pixels
+        self._states = ctx.text_encoder.encode(list(self.targets.prompts)).to(device)
+
+    def _make_surrogates(self, model: nn.Module, ctx: TrainingContext) -> None:
+        """What the starting model makes for each original prompt (once, before any update)."""
+        if ctx.step > 0:
+            raise RuntimeError(
+                "adversarial fine-tuning: no surrogates at step > 0 (they come from the "
+                "starting model, and a checkpoint keeps them)"
+            )
+        config = self.config
+        wrapped = DiffusionModel(model, dict(ctx.scheduler.config), ctx.text_encoder, ctx.vae, {})
+        with torch.autocast(self._x0.device.type, enabled=False):
+            images = generate(
+                wrapped, list(self.targets.prompts), 1, self.seed, "dpm",
+                config.surrogate_steps, config.guidance_scale,
+            )  # fmt: skip
+        if images.shape[1:] != self.targets.pixels.shape[1:]:
+            raise ConfigError(
+                f"--memorized: images of {tuple(self.targets.pixels.shape[2:])} px, the model "
+                f"makes {tuple(images.shape[2:])}; give --resolution {images.shape[-1]}"
+            )
+        with torch.no_grad():
+            pixels = images.to(self._x0.device) * 2 - 1
+            x0 = to_latents(ctx.vae, pixels) if ctx.vae is not None else pixels
+        self.surrogates = x0.float().cpu()
+        reference = self.targets.pixels.float() / 255
+        rms = (images.cpu().double() - reference.double()).flatten(1).norm(dim=1)
+        self.distances = (rms / np.sqrt(reference[0].numel())).tolist()
+        close = [
+            n for n, d in zip(self.targets.names, self.distances, strict=True) if d < REPLICA_RMS
+        ]
+        if close:
+            warnings.warn(
+                f"adversarial fine-tuning: the starting model still makes (nearly) the memorized "
+                f"image for the prompt of {', '.join(close)} (RMS distance < {REPLICA_RMS}), so "
+                "L_adv trains towards it; mitigate the model first (memguard mitigate)",
+                stacklevel=2,
+            )
+        if self.output_dir is not None and ctx.group.rank == 0:
+            save_samples(images.cpu(), list(self.targets.prompts), 1, self.seed,
+                         self.output_dir / SURROGATES_DIR)  # fmt: skip
+
+    def extra_loss(
+        self, model: nn.Module, batch: dict, ctx: TrainingContext
+    ) -> torch.Tensor | None:
+        """weight x L_adv for this micro-batch (see the module docstring)."""
+        if self.surrogates is None:
+            self._make_surrogates(model, ctx)
+        if ctx.step != self._step:
+            self._step, self._calls = ctx.step, 0
+        base = batch["generator"].initial_seed() if "generator" in batch else self.seed
+        generator = torch.Generator().manual_seed(_seed(base, ctx.step, STREAM, self._calls))
+        self._calls += 1
+        config, n = self.config, len(self.targets)
+        chosen = torch.randperm(n, generator=generator)[: min(config.images, n)]
+        x0 = self._x0[chosen.to(self._x0.device)]
+        triggers, trigger_losses = optimize_conditioning(
+            model, ctx.scheduler, x0, self._states[chosen.to(self._states.device)],
+            config.inner_steps, config.learning_rate, config.batch_size, generator,
+        )  # fmt: skip
+        surrogates = self.surrogates[chosen].to(x0.device)
+        timesteps, noise = draw(
+            surrogates, config.batch_size, ctx.scheduler.config.num_train_timesteps, generator
+        )
+        copies = {
+            "x0": surrogates.repeat_interleave(config.batch_size, dim=0),
+            "encoder_hidden_states": triggers.repeat_interleave(config.batch_size, dim=0),
+            "timesteps": timesteps,
+            "noise": noise,
+        }
+        adversarial = sample_losses(model, copies, ctx).mean()
+        self.attacks += len(chosen)
+        self._window = [
+            self._window[0] + float(adversarial.detach()),
+            self._window[1] + float(trigger_losses.mean()),
+            self._window[2] + 1,
+        ]
+        return config.weight * adversarial
+
+    # ---------------------------------------------------------------------------- records
+
+    def log_values(self) -> dict:
+        adversarial, trigger, calls = self._window
+        self._window = [0.0, 0.0, 0.0]
+        if not calls:
+            return {"adv_loss": None, "trigger_loss": None}
+        return {"adv_loss": adversarial / calls, "trigger_loss": trigger / calls}
+
+    def state_dict(self) -> dict:
+        return {
+            "surrogates": self.surrogates,
+            "distances": self.distances,
+            "attacks": self.attacks,
+            "names": list(self.targets.names),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["names"] != list(self.targets.names):
+            raise ConfigError(
+                f"--memorized: the checkpoint was trained against {state['names']}, this run "
+                f"lists {list(self.targets.names)}"
+            )
+        self.surrogates, self.distances = state["surrogates"], state["distances"]
+        self.attacks = state["attacks"]
+
+    def report(self) -> dict:
+        return {
+            "paper": "Kowalczuk et al., arXiv 2507.16880 (adversarial fine-tuning)",
+            "memorized": list(self.targets.names),
+            "surrogate_rms_distance": self.distances,
+            "surrogates": SURROGATES_DIR,
+            "attacks": self.attacks,
+        }
