@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from memguard.defenses import Defense
 from memguard.defenses.registry import build_training
 from memguard.io import save_model
 from memguard.models import build_unet, noise_scheduler
+from memguard.train.checkpoint import checkpoint_dirs, checkpoint_info
 
 
 def tiny_settings(data_dir: Path, output_dir: Path, **overrides) -> dict:
@@ -168,6 +171,28 @@ def cli_flags(settings: TrainConfig | dict) -> list[str]:
             if item is not None:
                 flags += [f"--{key}", str(item)]
     return flags
+
+
+def kill_after_first_checkpoint(settings: TrainConfig | dict, timeout: float = 900) -> dict:
+    """Run `memguard train` with `settings` in a subprocess, SIGKILL it as soon as its first
+    checkpoint exists, and return that checkpoint's `checkpoint.json`. Fails (rather than
+    killing a run that has not checkpointed) when none appears within `timeout` seconds: a
+    loaded machine can take minutes to start the process."""
+    values = to_dict(settings) if isinstance(settings, TrainConfig) else settings
+    output_dir = Path(values["output_dir"])
+    command = [sys.executable, "-m", "memguard", "train", *cli_flags(values)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not checkpoint_dirs(output_dir) and process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"no checkpoint in {output_dir} after {timeout:.0f} s")
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before its first checkpoint"
+    weights = output_dir / "diffusion_pytorch_model.safetensors"
+    assert not weights.exists(), "the run finished before the kill"
+    return checkpoint_info(checkpoint_dirs(output_dir)[-1])
 
 
 def _free_port() -> int:

@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import cli_flags, tiny_run, tiny_settings, train_tiny
+from helpers import kill_after_first_checkpoint, tiny_run, tiny_settings, train_tiny
 from memguard import Trainer, cli
 from memguard.attacks.trigger import denoising_losses, draw, optimize_conditioning
 from memguard.config import ConfigError
@@ -26,7 +22,6 @@ from memguard.defenses.registry import build_training
 from memguard.diffusion import per_sample_loss
 from memguard.io import load_model
 from memguard.models import build_unet, noise_scheduler
-from memguard.train.checkpoint import checkpoint_dirs, checkpoint_info
 from test_trainer import WEIGHTS, assert_same_weights
 
 MEMORIZED = [0, 1]  # training images listed as memorized
@@ -163,15 +158,7 @@ def test_killed_run_resumes_to_the_same_weights(
     train_tiny(data, tmp_path / "full", **run)
 
     killed = tiny_settings(data, tmp_path / "killed", **run)
-    command = [sys.executable, "-m", "memguard", "train", *cli_flags(killed)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not checkpoint_dirs(tmp_path / "killed") and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert not (tmp_path / "killed" / WEIGHTS).exists(), "the run finished before the kill"
-    latest = checkpoint_info(checkpoint_dirs(tmp_path / "killed")[-1])
+    latest = kill_after_first_checkpoint(killed)
 
     def regenerate(*_) -> None:
         raise AssertionError("the resumed run generated the surrogates again")

@@ -6,10 +6,6 @@ and LoRA)."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +18,7 @@ from safetensors.torch import load_file
 
 from helpers import (
     ACTIVE_AGC,
-    cli_flags,
+    kill_after_first_checkpoint,
     tiny_run,
     tiny_settings,
     train_on_two_processes,
@@ -229,15 +225,7 @@ def test_killed_run_resumes_mid_round_to_the_same_weights(shapes_dir, tmp_path) 
     assert metadata["defenses"][1]["report"]["proxies"][0]["augmented_batches"] > 0
 
     killed = tiny_settings(data, tmp_path / "killed", **run)
-    command = [sys.executable, "-m", "memguard", "train", *cli_flags(killed)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not checkpoint_dirs(tmp_path / "killed") and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert not (tmp_path / "killed" / WEIGHTS).exists(), "the run finished before the kill"
-    latest = checkpoint_info(checkpoint_dirs(tmp_path / "killed")[-1])
+    latest = kill_after_first_checkpoint(killed)
     assert latest["round_steps"] > 0  # in the middle of a round
 
     config, defenses = tiny_run(data, tmp_path / "killed", **run, resume_from_checkpoint="latest")

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from helpers import cli_flags, tiny_config, train_on_two_processes
+from helpers import kill_after_first_checkpoint, tiny_config, train_on_two_processes
 from memguard import Defense, Trainer, TrainingError
 from memguard.config import ConfigError
 from memguard.data.folder import DataError, fingerprint, read_metadata
@@ -144,24 +140,12 @@ def test_resume_from_checkpoint_matches_uninterrupted(shapes_dir: Path, tmp_path
     assert metadata["train_seconds"] > result.loop_seconds > 0
 
 
-def _memguard(*args: str) -> list[str]:
-    return [sys.executable, "-m", "memguard", *args]
-
-
 def test_killed_run_resumes_to_the_same_weights(shapes_dir: Path, tmp_path: Path) -> None:
     steps = dict(max_train_steps=150, checkpointing_steps=25, logging_steps=25)
     Trainer(tiny_config(shapes_dir / "train", tmp_path / "full", **steps)).train()
 
     killed = tiny_config(shapes_dir / "train", tmp_path / "killed", **steps)
-    process = subprocess.Popen(
-        _memguard("train", *cli_flags(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 120
-    while not checkpoint_dirs(tmp_path / "killed") and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert not (tmp_path / "killed" / WEIGHTS).exists(), "the run finished before the kill"
+    kill_after_first_checkpoint(killed)
 
     resumed = tiny_config(
         shapes_dir / "train", tmp_path / "killed", resume_from_checkpoint="latest", **steps
