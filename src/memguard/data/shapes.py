@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from memguard.config import CONCEPT_KINDS, ShapesConfig, to_dict
+from memguard.config import CONCEPT_KINDS, ConfigError, ShapesConfig, to_dict
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {
@@ -313,7 +313,7 @@ COLUMNS = (
 def concept_kind(name: str) -> ConceptKind:
     """The kind called `name`; a clear error naming `concept_kind` otherwise."""
     if name not in KINDS:
-        raise ValueError(f"concept_kind: {name!r} is not one of {', '.join(KINDS)}")
+        raise ConfigError(f"concept_kind: {name!r} is not one of {', '.join(KINDS)}")
     return KINDS[name]
 
 
@@ -324,8 +324,8 @@ def dataset_concept_kind(root: str | Path) -> ConceptKind:
     written = json.loads(summary.read_text()) if summary.is_file() else {}
     try:
         return concept_kind(written.get("concept_kind", "fixed"))
-    except ValueError as error:
-        raise ValueError(f"{summary}: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{summary}: {error}") from None
 
 
 def blend_concept(
