@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from memguard.attacks.concept import PLACEHOLDER, generate_with_embedding, learn_concept_embedding
 from memguard.audit_plugins import AuditPlugin
+from memguard.config import ConfigError
 from memguard.data.folder import ImageFolderDataset, unit_float
 from memguard.data.shapes import KINDS, ConceptKind, dataset_concept_kind
 from memguard.metrics.intervals import rate_of
@@ -68,7 +69,7 @@ class ShapesBenchmark(AuditPlugin):
             image_size=auditor.model.image_size, concept_kind=self.concept.name
         )
         if spec.concept_kind != self.concept.name:
-            raise ValueError(
+            raise ConfigError(
                 f"judge concept_kind: {spec.concept_kind!r}, but the data in {self.root} has "
                 f"concept_kind {self.concept.name!r} (its dataset.json); the judge must detect "
                 "the data's concept"
