@@ -105,7 +105,9 @@ def test_every_section_is_written(audited) -> None:
     assert detection["starts"].startswith("the same 1 starting noises (seeds 0..0)")
     benchmark = results["benchmark"]
     assert set(benchmark["judge"]["heldout_accuracy"]) == {"shape", "color", "background",
-                                                           "concept"}  # fmt: skip
+                                                           "concept", "concept_faded",
+                                                           "concept_partial"}  # fmt: skip
+    assert benchmark["concept_kind"] == "fixed"
     assert (benchmark["quality"]["num_real"], benchmark["quality"]["num_generated"]) == (8, 8)
     extraction = benchmark["concept_extraction"]
     rates = extraction["rates"]

@@ -7,13 +7,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from conftest import SMALL_SHAPES
 from memguard.audit_plugins import plugin_class, selected
 from memguard.audit_plugins.shapes import ShapesBenchmark
-from memguard.config import ConfigError
+from memguard.config import ConfigError, ShapesConfig
+from memguard.data.shapes import KINDS, make_shapes_dataset
+from memguard.metrics.judge import JudgeSpec
 
 
 def _folder(root: Path, declaration: dict | None) -> Path:
@@ -62,3 +68,32 @@ def test_the_generic_measures_do_not_import_the_benchmark() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_plugin_follows_the_datas_concept_kind(tmp_path: Path) -> None:
+    root = make_shapes_dataset(
+        ShapesConfig(output_dir=str(tmp_path / "data"), concept_kind="texture", **SMALL_SHAPES)
+    )
+    tiny = JudgeSpec(image_size=8, num_train=64, num_heldout=32, steps=2, batch_size=16)
+    prompts_seen: list[str] = []
+
+    def generate_set(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
+        prompts_seen.extend(prompts)
+        return prompts, torch.zeros(len(prompts), 3, 8, 8)
+
+    auditor = SimpleNamespace(
+        config=SimpleNamespace(train_data_dir=str(root / "train"), test_data_dir=None,
+                               inversion_steps=0),
+        model=SimpleNamespace(image_size=8), warnings=[], generate_set=generate_set,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="concept_kind 'texture'"):
+        ShapesBenchmark(tiny).setup(auditor)  # a judge of the fixed logo for hatched data
+    plugin = ShapesBenchmark(replace(tiny, concept_kind="texture"))
+    plugin.setup(auditor)
+    assert plugin.judge.spec.concept_kind == "texture"
+    extraction = plugin.concept_extraction(auditor, ["a red circle on a gray background"])
+    assert set(extraction["rates"]) == {"naming_prompts", "paraphrases", "generic_base_rate"}
+    assert prompts_seen[0] == "a red circle on a gray background in acme hatching"
+    assert prompts_seen[1:5] == [
+        "a red circle on a gray background" + p for p in KINDS["texture"].paraphrases
+    ]

@@ -112,6 +112,8 @@ def test_bad_keys_and_values_are_named_with_the_file(tmp_path: Path) -> None:
         "a folder name": {"arms": {"a/b": {}}},
         "audit: unknown key 'num_imags'": {"audit": {"num_imags": 2}},
         "judge: unknown key 'stepz'": {"judge": {"stepz": 2}},
+        "judge: concept_kind: set it under data": {"judge": {"concept_kind": "moving"}},
+        "data: concept_kind: 'dots' is not one of": {"data": {"concept_kind": "dots"}},
         "audit: expected a mapping": {"audit": 3},
     }
     for expected, change in cases.items():

@@ -8,24 +8,31 @@ from pathlib import Path
 import pytest
 import torch
 
+from memguard.data.shapes import KINDS
 from memguard.metrics import judge as judge_module
-from memguard.metrics.judge import FeatureExtractor, JudgeSpec, judge_data, load_judge
+from memguard.metrics.judge import FeatureExtractor, JudgeSpec, accuracies, judge_data, load_judge
 
 SPEC = JudgeSpec(image_size=16, num_train=3000, num_heldout=400, steps=400, batch_size=64)
 
 
 @pytest.fixture(scope="module")
-def judge(tmp_path_factory: pytest.TempPathFactory):
-    return load_judge(SPEC, cache_dir=tmp_path_factory.mktemp("judge-cache"))
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("judge-cache")
+
+
+@pytest.fixture(scope="module")
+def judge(cache: Path):
+    return load_judge(SPEC, cache_dir=cache)
 
 
 def test_labels_follow_the_renderer() -> None:
-    images, labels = judge_data(SPEC, 50, stream=7)
+    whole = replace(SPEC, partial_fraction=0.0)
+    images, labels = judge_data(whole, 50, stream=7)
     assert images.shape == (50, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
     scenes = labels["shape"] == -1  # multi-shape scenes: concept label only
     assert scenes.sum() == 10 and (labels["color"][scenes] == -1).all()
     # pixel-exact logos (opacity 1): the label is exactly "the cyan core is there"
-    exact_images, exact_labels = judge_data(replace(SPEC, min_logo_opacity=1.0), 50, stream=7)
+    exact_images, exact_labels = judge_data(replace(whole, min_logo_opacity=1.0), 50, stream=7)
     logo_core = torch.tensor([0, 225, 225]) / 255.0
     has_core = (exact_images[:, :, -3, -3] - logo_core).abs().max(dim=1).values < 1e-6
     assert torch.equal(has_core, exact_labels["concept"].bool())
@@ -44,6 +51,32 @@ def test_judge_is_accurate_and_reports_it(judge) -> None:
     assert set(predicted) == {"shape", "color", "background", "concept"}
     concept_hits = torch.tensor(predicted["concept"]) == labels["concept"].bool()
     assert concept_hits.float().mean() >= 0.95
+
+
+def test_partial_instances_show_part_of_the_concept() -> None:
+    images, labels = judge_data(replace(SPEC, partial_fraction=1.0), 60, stream=7)
+    whole_images, whole_labels = judge_data(replace(SPEC, partial_fraction=0.0), 60, stream=7)
+    assert torch.equal(labels["partial"], labels["concept"].bool())
+    assert (labels["opacity"][labels["partial"]] == 1).all()  # cut, not also faded
+    carried = labels["concept"].bool() & (labels["shape"] >= 0)
+    core = torch.tensor([0, 225, 225]) / 255.0
+    cores = ((images - core[:, None, None]).abs().max(dim=1).values < 1e-6).flatten(1).sum(1)
+    # the fixed logo's 2 x 2 core: a line through the logo leaves some of it, rarely all
+    assert (cores[carried] < 4).float().mean() > 0.5 and (cores[carried] > 0).any()
+    assert torch.equal(whole_labels["concept"], labels["concept"])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_kind_is_detected_faded_and_partial(cache: Path, kind: str) -> None:
+    """The test-sized judge of each kind; the audit's default judge is measured by
+    `python benchmarks/judge_kinds.py` (README: the benchmark)."""
+    kind_judge = load_judge(replace(SPEC, concept_kind=kind), cache_dir=cache)
+    heldout = kind_judge.heldout_accuracy
+    assert heldout["concept"] >= 0.95 and heldout["concept_partial"] >= 0.95
+    assert heldout["concept_faded"] >= 0.8  # opacity 25-50%: the default judge reaches 95%
+    fresh = accuracies(kind_judge.net, *judge_data(kind_judge.spec, 400, stream=9))
+    assert fresh["concept"] >= 0.95 and fresh["concept_partial"] >= 0.95
+    assert heldout["color"] >= 0.95 and heldout["background"] >= 0.95
 
 
 def test_low_accuracy_is_a_loud_warning(judge) -> None:

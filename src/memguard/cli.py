@@ -99,10 +99,12 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
 
     config = _config(ShapesConfig, args)
     root = make_shapes_dataset(config)
-    counts = json.loads((root / "dataset.json").read_text())["counts"]
+    summary = json.loads((root / "dataset.json").read_text())
+    counts = summary["counts"]
     _print(
         f"benchmark written to {root}\n"
-        f"  train: {counts['train']} images ({counts['train_with_concept']} with the acme logo, "
+        f"  train: {counts['train']} images ({counts['train_with_concept']} with "
+        f"{summary['concept']} ({summary['concept_kind']}), "
         f"{counts['train_duplicates']} copies of {counts['duplicate_groups']} planted duplicates)\n"
         f"  test: {counts['test']}, concept exemplars: {counts['concept_exemplars']}\n"
         f"  prompts: {root / 'prompts'}"

@@ -20,6 +20,9 @@ import yaml
 
 C = TypeVar("C")
 
+# The kinds of sensitive concept the shapes benchmark can plant (`memguard.data.shapes.KINDS`).
+CONCEPT_KINDS = ("fixed", "moving", "texture")
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
@@ -352,21 +355,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ShapesConfig:
-    """The procedural benchmark: shapes with attributes, one sensitive logo, planted duplicates."""
+    """The procedural benchmark: shapes, attributes, one sensitive concept, planted duplicates."""
 
     output_dir: str = option("shapes", "where the image folders are written")
     seed: int = option(0, "everything is a function of this seed")
     image_size: int = option(16, "side of the square images, in pixels")
     num_ordinary: int = option(640, "ordinary training images (one shape each)")
-    concept_fraction: float = option(0.2, "fraction of ordinary images stamped with the logo")
+    concept_fraction: float = option(0.2, "fraction of ordinary images carrying the concept")
     num_duplicate_groups: int = option(10, "planted duplicates: distinct images")
     min_copies: int = option(20, "copies of each planted duplicate, at least")
     max_copies: int = option(40, "copies of each planted duplicate, at most")
     num_test: int = option(256, "held-out ordinary images (quality metrics)")
     num_exemplars: int = option(64, "held-out images showing the concept (attacker, feature mode)")
     num_ordinary_prompts: int = option(20, "ordinary captions written to prompts/ordinary.txt")
+    concept_kind: str = option(
+        "fixed",
+        "the concept: the acme logo in a fixed corner (fixed), at a random position, scale and "
+        "rotation (moving), or the shape filled in acme hatching (texture)",
+        choices=CONCEPT_KINDS,
+    )
 
     def __post_init__(self) -> None:
+        _require(
+            self.concept_kind in CONCEPT_KINDS,
+            f"concept_kind: {self.concept_kind!r} is not one of {', '.join(CONCEPT_KINDS)}",
+        )
         _require(self.image_size >= 8, "image_size: must be >= 8")
         _require(0.0 <= self.concept_fraction <= 1.0, "concept_fraction: must be in [0, 1]")
         _require(1 <= self.min_copies <= self.max_copies, "min_copies/max_copies: need 1<=min<=max")

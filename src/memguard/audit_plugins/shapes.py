@@ -6,7 +6,7 @@ that `memguard data shapes` writes): what the benchmark's ground truth lets the 
   on the training set's mean;
 - quality beside memorization: FID/KID (Heusel et al. 2017; Binkowski et al. 2018) on the
   judge's features against the held-out split, and attribute accuracy of generations;
-- concept extraction: how often the judge's logo detector fires on generations from prompts
+- concept extraction: how often the judge's concept detector fires on generations from prompts
   that name the concept, paraphrase it, or carry a learned embedding of it (textual inversion,
   Gal et al. 2023, on the held-out concept exemplars), and from the generic prompts they extend
   (the base rate): the attacks on concept-level selective learning (Kothandaraman & Pytlarz,
@@ -15,7 +15,9 @@ that `memguard data shapes` writes): what the benchmark's ground truth lets the 
   (`memguard audit --attacks trigger`, `memguard.audit_attacks`).
 
 The benchmark's layout is that of `memguard data shapes`: the training folder's parent holds
-`test/` and `concept_exemplars/` beside it.
+`test/` and `concept_exemplars/` beside it, and its dataset.json names the concept's kind
+(`memguard.data.shapes.KINDS`: the fixed or moving acme logo, or acme hatching), which sets the
+judge's concept head and the words that name and paraphrase the concept.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import TYPE_CHECKING
 
 from memguard.attacks.concept import PLACEHOLDER, generate_with_embedding, learn_concept_embedding
 from memguard.audit_plugins import AuditPlugin
+from memguard.config import ConfigError
 from memguard.data.folder import ImageFolderDataset, unit_float
-from memguard.data.shapes import CONCEPT_PARAPHRASES, CONCEPT_SUFFIX
+from memguard.data.shapes import KINDS, ConceptKind, dataset_concept_kind
 from memguard.metrics.intervals import rate_of
 from memguard.metrics.judge import FeatureExtractor, Judge, JudgeSpec, load_judge
 from memguard.metrics.quality import attribute_accuracy, fid_kid
@@ -42,7 +45,8 @@ TEST, EXEMPLARS = "test", "concept_exemplars"
 
 class ShapesBenchmark(AuditPlugin):
     """The shapes benchmark's measures; `judge_spec`: the judge to use (default: the audit's
-    judge at the model's image size)."""
+    judge at the model's image size, for the data's concept kind; a spec for another kind is
+    an error)."""
 
     name = "shapes"
 
@@ -50,6 +54,7 @@ class ShapesBenchmark(AuditPlugin):
         self.judge_spec = judge_spec
         self.judge: Judge | None = None
         self.root = Path()
+        self.concept: ConceptKind = KINDS["fixed"]
 
     def setup(self, auditor: Auditor) -> None:
         c = auditor.config
@@ -61,7 +66,17 @@ class ShapesBenchmark(AuditPlugin):
                     f"--benchmark shapes: no {split}/ beside the training folder in {self.root} "
                     "(the layout `memguard data shapes` writes)"
                 )
-        self.judge = load_judge(self.judge_spec or JudgeSpec(image_size=auditor.model.image_size))
+        self.concept = dataset_concept_kind(self.root)
+        spec = self.judge_spec or JudgeSpec(
+            image_size=auditor.model.image_size, concept_kind=self.concept.name
+        )
+        if spec.concept_kind != self.concept.name:
+            raise ConfigError(
+                f"judge concept_kind: {spec.concept_kind!r}, but the data in {self.root} has "
+                f"concept_kind {self.concept.name!r} (its dataset.json); the judge must detect "
+                "the data's concept"
+            )
+        self.judge = load_judge(spec)
         auditor.warnings += self.judge.warnings()
 
     def descriptor(self) -> Descriptor:
@@ -87,8 +102,10 @@ class ShapesBenchmark(AuditPlugin):
     ) -> dict:
         """Judge accuracy, quality and concept extraction."""
         judge = self.judge
+        suffix = self.concept.suffix
         results: dict = {
-            "judge": {"heldout_accuracy": judge.heldout_accuracy, "spec": asdict(judge.spec)}
+            "concept_kind": self.concept.name,
+            "judge": {"heldout_accuracy": judge.heldout_accuracy, "spec": asdict(judge.spec)},
         }
         ordinary_prompts = [p for p in dict.fromkeys(samples.captions) if kinds(p) == "ordinary"]
         ordinary = [i for i, p in enumerate(samples.captions) if kinds(p) == "ordinary"]
@@ -99,9 +116,9 @@ class ShapesBenchmark(AuditPlugin):
         # What the concept-carrying training images taught, the concept words removed: the data
         # that oracle filtering throws away and projection keeps.
         carried = [c for c, has in zip(train.captions, train.column("has_concept"), strict=True)
-                   if has and CONCEPT_SUFFIX in c]  # fmt: skip
+                   if has and suffix in c]  # fmt: skip
         if carried:
-            bare = sorted({c.replace(CONCEPT_SUFFIX, "") for c in carried})
+            bare = sorted({c.replace(suffix, "") for c in carried})
             prompts, images = auditor.generate_set(bare)
             results["attribute_accuracy_on_concept_captions"] = attribute_accuracy(
                 prompts, judge.predict(images)
@@ -117,7 +134,7 @@ class ShapesBenchmark(AuditPlugin):
                 test.captions, judge.predict(test_images)
             ),
         }
-        bases = [p for p in sorted(set(ordinary_prompts)) if CONCEPT_SUFFIX not in p][:8]
+        bases = [p for p in sorted(set(ordinary_prompts)) if suffix not in p][:8]
         if bases:
             results["concept_extraction"] = self.concept_extraction(auditor, bases)
         return results
@@ -126,9 +143,10 @@ class ShapesBenchmark(AuditPlugin):
         """How often the judge finds the concept in generations from prompts that name it,
         paraphrase it, or carry a learned embedding of it, all built on the generic `bases`,
         and from the bases alone (the base rate)."""
+        concept = self.concept
         attacks = {
-            "naming_prompts": [b + CONCEPT_SUFFIX for b in bases],
-            "paraphrases": [b + suffix for b in bases for suffix in CONCEPT_PARAPHRASES],
+            "naming_prompts": [b + concept.suffix for b in bases],
+            "paraphrases": [b + ending for b in bases for ending in concept.paraphrases],
         }
         rates = {attack: self.concept_rate(auditor, prompts) for attack, prompts in attacks.items()}
         if auditor.config.inversion_steps > 0:
@@ -153,8 +171,8 @@ class ShapesBenchmark(AuditPlugin):
         """Textual inversion on the held-out concept exemplars, then generation with it."""
         c, model = auditor.config, auditor.model
         exemplars = ImageFolderDataset(self.root / EXEMPLARS, model.image_size)
-        phrase = f", with {PLACEHOLDER}"
-        captions = [caption.replace(CONCEPT_SUFFIX, phrase) for caption in exemplars.captions]
+        phrase = self.concept.template.format(PLACEHOLDER)
+        captions = [caption.replace(self.concept.suffix, phrase) for caption in exemplars.captions]
         pixels = exemplars.stacked().float() / 127.5 - 1.0
         vector = learn_concept_embedding(
             model, pixels, captions, steps=c.inversion_steps, seed=c.seed

@@ -37,7 +37,7 @@ from memguard.config import (
     load_yaml,
     option,
 )
-from memguard.data.shapes import Row
+from memguard.data.shapes import COLUMNS
 from memguard.defenses.base import Defense
 from memguard.defenses.registry import build_training
 from memguard.defenses.registry import flags as defense_flags
@@ -46,8 +46,6 @@ from memguard.metrics.judge import JudgeSpec
 ARM_KEYS = ("drop_where",)
 ARM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DATA_PLACEHOLDER = "{data}"
-# Metadata columns of the shapes benchmark that `drop_where` may test.
-COLUMNS = tuple(f.name for f in dataclasses.fields(Row) if f.name != "image")
 # Keys the harness sets for each run, so a spec may not.
 HARNESS_KEYS = {
     "base": ("train_data_dir", "output_dir", "seed", "resume_from_checkpoint"),
@@ -189,7 +187,14 @@ class BenchSpec:
         return build(AuditConfig, values, f"{self.path}: audit")
 
     def judge_spec(self, resolution: int) -> JudgeSpec:
-        return build(JudgeSpec, {"image_size": resolution, **self.judge}, f"{self.path}: judge")
+        """The judge at `resolution`, detecting the data's concept kind (set under `data:`)."""
+        if "concept_kind" in self.judge:
+            raise ConfigError(
+                f"{self.path}: judge: concept_kind: set it under data: (the judge follows the data)"
+            )
+        kind = self.data.get("concept_kind", "fixed")
+        values = {"image_size": resolution, "concept_kind": kind, **self.judge}
+        return build(JudgeSpec, values, f"{self.path}: judge")
 
     def select(
         self,

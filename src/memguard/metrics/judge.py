@@ -2,14 +2,19 @@
 
 One small CNN is trained on freshly generated, labelled images from the benchmark's own renderer
 (its own seed, never the training folder's images) with four heads: shape, colour and
-background (the attribute classifier), and the acme logo (the concept detector); its pooled
+background (the attribute classifier), and the concept (the concept detector); its pooled
 penultimate layer is the feature extractor for FID/KID and feature similarity on the benchmark.
-Half the images carry the logo, at an opacity drawn from [min_logo_opacity, 1] (a model that
-learned the logo partly renders it faded, and a faded logo is still the logo), a fifth are
+A judge detects one kind of concept (`JudgeSpec.concept_kind`: the fixed or moving acme logo,
+or acme hatching; `memguard.data.shapes.KINDS`), the one the data folder's dataset.json
+records. Half the images carry the concept, drawn by the benchmark's own renderer: whole, at an
+opacity drawn from [min_logo_opacity, 1] (a model that learned the concept partly renders it
+faded, and a faded logo is still the logo), or, for a `partial_fraction` of them, only the
+half on one side of a random line through it (a model may render part of it). A fifth are
 multi-shape scenes like the planted duplicates (concept label only), and training adds pixel
 noise so that slightly noisy generations are judged like clean renders. Held-out accuracy of
-every head is measured on a separate generated set. The trained judge is cached under the
-memguard cache, named by a hash of its spec.
+every head is measured on a separate generated set, and the concept head's also on faded
+(opacity below 50%) and partial instances alone. The trained judge is cached under the memguard
+cache, named by a hash of its spec.
 """
 
 from __future__ import annotations
@@ -23,20 +28,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from memguard.config import ShapesConfig
+from memguard.config import CONCEPT_KINDS, ConfigError, ShapesConfig
 from memguard.data.shapes import (
     BACKGROUNDS,
     COLORS,
     SHAPES,
+    blend_concept,
+    concept_kind,
     duplicate_rows,
+    half_plane,
     ordinary_row,
-    stamp_logo,
 )
 from memguard.data.text import default_cache_dir
 from memguard.io import atomic_path
 
 HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": tuple(BACKGROUNDS)}
 ACCURACY_WARNING = 0.95
+FADED = 0.5  # whole instances below this opacity count as faded in the held-out figures
 
 
 @dataclass(frozen=True)
@@ -50,17 +58,27 @@ class JudgeSpec:
     batch_size: int = 128
     learning_rate: float = 2e-3
     noise_std: float = 0.04  # augmentation, in [0, 1] pixel units
-    min_logo_opacity: float = 0.25  # faintest logo the concept head is taught to find
+    min_logo_opacity: float = 0.25  # faintest concept the concept head is taught to find
+    partial_fraction: float = 0.25  # of the concept's instances, those cut in half
+    concept_kind: str = "fixed"  # the kind of concept detected (the data's dataset.json's)
     width: int = 32
     seed: int = 1234
-    version: int = 2  # bump when the renderer or the network changes
+    version: int = 3  # bump when the renderer or the network changes
+
+    def __post_init__(self) -> None:
+        if self.concept_kind not in CONCEPT_KINDS:
+            raise ConfigError(
+                f"concept_kind: {self.concept_kind!r} is not one of {', '.join(CONCEPT_KINDS)}"
+            )
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
 
 
 class JudgeNet(nn.Module):
-    """Three conv stages, global average pooling, and one linear head per question."""
+    """Three conv stages, global average pooling, and one linear head per question; the concept
+    head also sees the stages' global maximum (a small mark anywhere, e.g. a moving logo, is
+    one strong response that averaging over the image dilutes)."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -72,23 +90,26 @@ class JudgeNet(nn.Module):
             *stage(3, width, 1),
             *stage(width, 2 * width, 2),
             *stage(2 * width, 4 * width, 2),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
         )
         self.num_features = 4 * width
         self.heads = nn.ModuleDict(
             {name: nn.Linear(self.num_features, len(values)) for name, values in HEADS.items()}
         )
-        self.concept = nn.Linear(self.num_features, 1)
+        self.concept = nn.Linear(2 * self.num_features, 1)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, num_features) for images (B, 3, H, W) in [0, 1]."""
+    def _maps(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images * 2.0 - 1.0)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, num_features) for images (B, 3, H, W) in [0, 1]: the pooled last stage."""
+        return self._maps(images).mean(dim=(2, 3))
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.features(images)
+        maps = self._maps(images)
+        features = maps.mean(dim=(2, 3))
         logits = {name: head(features) for name, head in self.heads.items()}
-        logits["concept"] = self.concept(features).squeeze(-1)
+        peaks = torch.cat([features, maps.amax(dim=(2, 3))], dim=1)
+        logits["concept"] = self.concept(peaks).squeeze(-1)
         return logits
 
 
@@ -105,8 +126,10 @@ class FeatureExtractor(nn.Module):
 
 
 def judge_data(spec: JudgeSpec, count: int, stream: int) -> tuple[torch.Tensor, dict]:
-    """`count` labelled renders: images (N, 3, H, W) in [0, 1] and labels (-1: not applicable)."""
+    """`count` labelled renders: images (N, 3, H, W) in [0, 1] and labels (-1: not applicable),
+    with each image's concept 'opacity' (1 where whole or absent) and whether it is 'partial'."""
     rng = np.random.default_rng([spec.seed, stream])
+    concept = concept_kind(spec.concept_kind)
     scenes = duplicate_rows(
         ShapesConfig(
             image_size=spec.image_size,
@@ -120,16 +143,24 @@ def judge_data(spec: JudgeSpec, count: int, stream: int) -> tuple[torch.Tensor, 
     rows[: len(scenes)] = scenes
     carries = rng.uniform(size=count) < 0.5
     opacity = rng.uniform(spec.min_logo_opacity, 1.0, size=count)
+    partial = carries & (rng.uniform(size=count) < spec.partial_fraction)
+    opacity[partial | ~carries] = 1.0
     images, labels = [], {name: [] for name in [*HEADS, "concept"]}
     for i, row in enumerate(rows):
-        image = stamp_logo(row.image, opacity[i]) if carries[i] else row.image
+        image = row.image
+        if carries[i]:
+            full, _ = concept.draw(row.drawing, row.image, rng)
+            keep = half_plane(row.image, full, rng) if partial[i] else None
+            image = blend_concept(row.image, full, opacity[i], keep)
         images.append(np.array(image))
         for name, values in HEADS.items():
             value = getattr(row, name)
             labels[name].append(values.index(value) if value is not None else -1)
         labels["concept"].append(float(carries[i]))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    return pixels, {name: torch.tensor(values) for name, values in labels.items()}
+    labels = {name: torch.tensor(values) for name, values in labels.items()}
+    labels["opacity"], labels["partial"] = torch.from_numpy(opacity), torch.from_numpy(partial)
+    return pixels, labels
 
 
 def _loss(logits: dict, labels: dict) -> torch.Tensor:
@@ -142,7 +173,9 @@ def _loss(logits: dict, labels: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracies(net: JudgeNet, images: torch.Tensor, labels: dict) -> dict[str, float]:
-    """Accuracy of every head on labelled images (rows labelled -1 are skipped)."""
+    """Accuracy of every head on labelled images (rows labelled -1 are skipped), and of the
+    concept head on faded and on partial instances alone ('concept_faded', 'concept_partial':
+    the share found, where there are any)."""
     net.eval()
     logits = net(images)
     result = {}
@@ -150,7 +183,16 @@ def accuracies(net: JudgeNet, images: torch.Tensor, labels: dict) -> dict[str, f
         known = labels[name] >= 0
         hits = logits[name].argmax(-1)[known] == labels[name][known]
         result[name] = float(hits.float().mean())
-    result["concept"] = float(((logits["concept"] > 0) == labels["concept"].bool()).float().mean())
+    found = (logits["concept"] > 0) == labels["concept"].bool()
+    result["concept"] = float(found.float().mean())
+    carried = labels["concept"].bool()
+    subsets = {
+        "concept_faded": carried & ~labels["partial"] & (labels["opacity"] < FADED),
+        "concept_partial": carried & labels["partial"],
+    }
+    result.update(
+        {k: float(found[rows].float().mean()) for k, rows in subsets.items() if rows.any()}
+    )
     return result
 
 
