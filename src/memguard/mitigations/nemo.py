@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from memguard.mitigations.layers import Selection
+
 # Ordinary prompts the activations are compared against when the caller gives none.
 REFERENCE_PROMPTS = (
     "a photo of a dog playing in the grass",
@@ -84,6 +86,31 @@ def outlier_neurons(
     candidates = torch.nonzero(z > threshold).flatten()
     order = candidates[z[candidates].argsort(descending=True, stable=True)]
     return order, z[order]
+
+
+def neurons(layers: dict[str, torch.nn.Linear], flat: torch.Tensor) -> Selection:
+    """Neurons numbered across `layers` (as `neuron_activations` orders them), per layer."""
+    selection, start = {}, 0
+    for name, layer in layers.items():
+        inside = flat[(flat >= start) & (flat < start + layer.out_features)] - start
+        if len(inside):
+            selection[name] = inside.sort().values
+        start += layer.out_features
+    return selection
+
+
+def candidate_neurons(
+    layers: dict[str, torch.nn.Linear],
+    states: torch.Tensor,
+    reference: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    """NeMo's candidates for the conditioning `states` (L, d), a prompt's text states or any
+    other conditioning (an embedding trigger): the neurons of `layers` whose activation's
+    z-score against `reference` (R, n) exceeds `threshold`, numbered across the layers, highest
+    z first."""
+    activation = neuron_activations(layers, states[None])[0]
+    return outlier_neurons(activation, reference, threshold)[0]
 
 
 def group_sizes(count: int) -> list[int]:

@@ -47,11 +47,12 @@ from memguard.mitigations.layers import (
 )
 from memguard.mitigations.nemo import (
     REFERENCE_PROMPTS,
+    candidate_neurons,
     deactivation_search,
     neuron_activations,
-    outlier_neurons,
+    neurons,
 )
-from memguard.mitigations.wanda import input_norms, top_fraction, wanda_scores
+from memguard.mitigations.wanda import input_norms, wanda_selection
 from memguard.sampling import generate
 
 PRUNING_FILE = "pruning.json"
@@ -90,17 +91,6 @@ def replication_check(
     return replicates
 
 
-def neurons(layers: dict[str, torch.nn.Linear], flat: torch.Tensor) -> Selection:
-    """Neurons numbered across `layers` (as `neuron_activations` orders them), per layer."""
-    selection, start = {}, 0
-    for name, layer in layers.items():
-        inside = flat[(flat >= start) & (flat < start + layer.out_features)] - start
-        if len(inside):
-            selection[name] = inside.sort().values
-        start += layer.out_features
-    return selection
-
-
 def nemo_prompt(
     model: DiffusionModel,
     layers: dict[str, torch.nn.Linear],
@@ -110,8 +100,7 @@ def nemo_prompt(
     replicates: Callable[[str], bool],
 ) -> Pruned:
     """NeMo for one prompt: its outlier neurons, and the smallest group that mitigates it."""
-    activation = neuron_activations(layers, model.encoder.encode([prompt]))[0]
-    order, _ = outlier_neurons(activation, reference, z_threshold)
+    order = candidate_neurons(layers, model.encoder.encode([prompt])[0], reference, z_threshold)
 
     def replicates_without(count: int) -> bool:
         with zeroed(model.unet, neurons(layers, order[:count]), "neuron"):
@@ -160,13 +149,10 @@ def wanda(
     """Wanda's top fraction of every layer, for every prompt."""
     pruned = []
     for prompt in prompts:
-        norms = input_norms(model, layers, prompt, config.num_images, config.seed,
+        states = model.encoder.encode([prompt])[0]
+        norms = input_norms(model, layers, states, config.num_images, config.seed,
                             config.scheduler, config.num_inference_steps)  # fmt: skip
-        selection = {
-            name: top_fraction(wanda_scores(layer.weight, norms[name]), config.sparsity)
-            for name, layer in layers.items()
-        }
-        pruned.append((selection, {}))
+        pruned.append((wanda_selection(layers, norms, config.sparsity), {}))
     return pruned
 
 

@@ -22,7 +22,7 @@ import math
 import torch
 
 from memguard.io import DiffusionModel
-from memguard.mitigations.layers import is_text_fed
+from memguard.mitigations.layers import Selection, is_text_fed
 from memguard.sampling import generate
 
 
@@ -30,16 +30,16 @@ from memguard.sampling import generate
 def input_norms(
     model: DiffusionModel,
     layers: dict[str, torch.nn.Linear],
-    prompt: str,
+    states: torch.Tensor,
     num_images: int = 1,
     seed: int = 0,
     sampler: str = "dpm",
     num_inference_steps: int = 20,
 ) -> dict[str, torch.Tensor]:
-    """||X_j||_2 for every input feature j of every layer, on the CPU (see the module
-    docstring); the generation (`num_images` images from `seed`) runs only for layers that do
-    not read the text states."""
-    states = model.encoder.encode([prompt])[0]
+    """||X_j||_2 for every input feature j of every layer, on the CPU, under the conditioning
+    `states` (L, d): a prompt's text states or any other conditioning, an embedding trigger say
+    (see the module docstring); the generation (`num_images` images from `seed`) runs only for
+    layers that do not read the text states."""
     norms = {name: states.norm(dim=0).cpu() for name in layers if is_text_fed(name)}
     others = {name: layer for name, layer in layers.items() if name not in norms}
     if not others:
@@ -58,7 +58,7 @@ def input_norms(
 
     handles = [layer.register_forward_pre_hook(collect(name)) for name, layer in others.items()]
     try:
-        generate(model, [prompt], num_images, seed, sampler, num_inference_steps, 1.0)
+        generate(model, states[None], num_images, seed, sampler, num_inference_steps, 1.0)
     finally:
         for handle in handles:
             handle.remove()
@@ -74,3 +74,14 @@ def top_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Flat indices (ascending) of the ceil(fraction x size) highest scores."""
     count = math.ceil(fraction * scores.numel())
     return scores.flatten().topk(count).indices.sort().values.cpu()
+
+
+def wanda_selection(
+    layers: dict[str, torch.nn.Linear], norms: dict[str, torch.Tensor], fraction: float
+) -> Selection:
+    """Wanda's selection: the top `fraction` of every layer's weights by |W| x ||X||, `norms`
+    being `input_norms` under one conditioning."""
+    return {
+        name: top_fraction(wanda_scores(layer.weight, norms[name]), fraction)
+        for name, layer in layers.items()
+    }
