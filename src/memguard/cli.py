@@ -5,6 +5,7 @@
     memguard sample --model DIR --prompt "..." --num_images N --seed S
     memguard replication --samples_dir DIR --train_data_dir DIR [--output FILE.json]
     memguard attack trigger --model DIR --images FILE_OR_DIR --output_dir DIR [--init ...]
+                            [--locality --locality_starts K]
     memguard mitigate --model DIR --method nemo|wanda --prompts FILE --output_dir DIR
     memguard bench configs/bench/NAME.yaml --output_dir DIR [--seeds S.. --arms A.. ...]
 
@@ -182,8 +183,10 @@ def cmd_replication(args: argparse.Namespace) -> None:
 
 
 def cmd_attack_trigger(args: argparse.Namespace) -> None:
+    from memguard.attacks.locality import summary_lines
     from memguard.attacks.trigger import (
         GENERATIONS_DIR,
+        LOCALITY_TRIGGERS_FILE,
         RESULTS_FILE,
         TRIGGERS_FILE,
         run_trigger_attack,
@@ -201,8 +204,11 @@ def cmd_attack_trigger(args: argparse.Namespace) -> None:
             f"  {row['name']}: loss {row['initial_loss']:.4f} -> {row['final_loss']:.4f}, "
             f"{verdict}, steps to replicate: {row['steps_to_replicate']}"
         )
-    output = Path(config.output_dir)
-    lines.append(f"written to {output}: {TRIGGERS_FILE}, {GENERATIONS_DIR}/, {RESULTS_FILE}")
+    files = [TRIGGERS_FILE, f"{GENERATIONS_DIR}/", RESULTS_FILE]
+    if "locality" in results:
+        lines += summary_lines(results["locality"])
+        files.insert(1, LOCALITY_TRIGGERS_FILE)
+    lines.append(f"written to {config.output_dir}: {', '.join(files)}")
     _print("\n".join(lines))
 
 

@@ -587,10 +587,27 @@ class TriggerConfig:
     num_inference_steps: int = option(20, "denoising steps of each generation")
     guidance_scale: float = option(3.0, "classifier-free guidance scale (1 disables)")
     device: str | None = option(None, "torch device (default: cuda when present, else cpu)")
+    locality: bool = option(
+        False,
+        "also measure how local memorization is (DoRI's locality analysis): per target, "
+        "--locality_starts triggers from Gaussian starts of different seeds; their distances "
+        "in the conditioning and in the cross-attention activations against those between "
+        "the targets' prompts, and the IoU of NeMo's and of Wanda's selections between them "
+        "(needs at least 2 targets, all with captions)",
+    )
+    locality_starts: int = option(4, "--locality: triggers per target (at least 2)")
+    locality_z_threshold: float = option(
+        3.0, "--locality: NeMo's candidates are the value neurons whose z-score exceeds this"
+    )
+    locality_sparsity: float = option(
+        0.01, "--locality: Wanda's selection is this fraction of each layer's weights"
+    )
 
     def __post_init__(self) -> None:
         _require(self.model is not None, "model: required")
         _require(self.images is not None, "images: required")
+        _require(self.locality_starts >= 2, "locality_starts: needs at least 2 starts")
+        _require(0 < self.locality_sparsity < 1, "locality_sparsity: must be in (0, 1)")
         for key in ("steps", "batch_size", "check_every", "num_inference_steps"):
             _require(getattr(self, key) > 0, f"{key}: must be positive")
         _require(self.learning_rate > 0, "learning_rate: must be positive")

@@ -33,18 +33,26 @@ Output (`run_trigger_attack`): `triggers.safetensors` (one (L, d) tensor per tar
 the target), `generations/` (an image folder: each target's last generation, captioned with its
 original prompt) and `triggers.json` (per target: init, losses, the verdict, the distance, the
 steps to replicate and every check).
+
+With `locality` set, the attack also runs from `locality_starts` Gaussian starts per target
+(start k: init gaussian, seed + k x N for N targets, so target i's draws come from
+seed + k x N + i; start 0 is the attack itself when it started from Gaussian noise), writes
+those triggers to `locality_triggers.safetensors` (named `<target>/<k>`), and
+`memguard.attacks.locality` measures how far apart they lie, in the conditioning, in the
+cross-attention activations and in NeMo's and Wanda's selections: triggers.json's `locality`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
+from memguard.attacks.locality import analyse_locality, require_prompts
 from memguard.attacks.targets import RecoveryJudge, Targets, Verdict, read_targets
 from memguard.config import ConfigError, TriggerConfig, to_dict
 from memguard.data.folder import ImageFolderDataset
@@ -56,6 +64,7 @@ from memguard.sampling import generate, save_samples
 Draw = tuple[torch.Tensor, torch.Tensor]  # timesteps (B,) and noise (B, C, H, W)
 
 TRIGGERS_FILE = "triggers.safetensors"
+LOCALITY_TRIGGERS_FILE = "locality_triggers.safetensors"
 RESULTS_FILE = "triggers.json"
 GENERATIONS_DIR = "generations"
 ATTACK = "DoRI embedding trigger (Kowalczuk et al., arXiv 2507.16880)"
@@ -241,16 +250,67 @@ def attack_targets(
     return [attack.run(targets, index) for index in range(len(targets))]
 
 
+def locality_runs(
+    model: DiffusionModel,
+    targets: Targets,
+    judge: RecoveryJudge,
+    config: TriggerConfig,
+    runs: list[TriggerRun],
+) -> list[list[TriggerRun]]:
+    """Each target's `config.locality_starts` attacks from Gaussian starts, target-major:
+    start k is `attack_targets` with init gaussian and seed + k x N (N targets); start 0 is
+    `runs` itself when they started from Gaussian noise (the same draws)."""
+    starts = []
+    for k in range(config.locality_starts):
+        if k == 0 and config.init == "gaussian":
+            starts.append(runs)
+            continue
+        start = replace(config, init="gaussian", seed=config.seed + k * len(targets))
+        starts.append(attack_targets(model, targets, judge, start))
+    return [list(per_target) for per_target in zip(*starts, strict=True)]
+
+
+def locality_of(
+    model: DiffusionModel,
+    targets: Targets,
+    per_target: list[list[TriggerRun]],
+    config: TriggerConfig,
+) -> dict:
+    """triggers.json's `locality` for `locality_runs`' triggers (`memguard.attacks.locality`)."""
+    return analyse_locality(
+        model, targets.names, targets.prompts,
+        [torch.stack([run.trigger for run in runs]) for runs in per_target],
+        [sum(run.checks[-1].verdict.replicated for run in runs) for runs in per_target],
+        config.locality_z_threshold, config.locality_sparsity,
+    )  # fmt: skip
+
+
+def _save_triggers(path: Path, triggers: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as partial:
+        save_file({name: t.contiguous() for name, t in triggers.items()}, str(partial))
+
+
 def write_attack(
-    targets: Targets, runs: list[TriggerRun], judge: RecoveryJudge, config: TriggerConfig
+    targets: Targets,
+    runs: list[TriggerRun],
+    judge: RecoveryJudge,
+    config: TriggerConfig,
+    locality: tuple[list[list[TriggerRun]], dict] | None = None,
 ) -> dict:
     """Write the triggers, the generations and triggers.json under `config.output_dir` (see
-    the module docstring); return what triggers.json holds."""
+    the module docstring), and with `locality` (`locality_runs` and `locality_of`'s block) the
+    locality triggers and the block; return what triggers.json holds."""
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output / TRIGGERS_FILE) as partial:
-        triggers = zip(targets.names, runs, strict=True)
-        save_file({name: run.trigger.contiguous() for name, run in triggers}, str(partial))
+    named = zip(targets.names, runs, strict=True)
+    _save_triggers(output / TRIGGERS_FILE, {name: run.trigger for name, run in named})
+    if locality is not None:
+        per_target = zip(targets.names, locality[0], strict=True)
+        _save_triggers(
+            output / LOCALITY_TRIGGERS_FILE,
+            {f"{name}/{k}": run.trigger for name, starts in per_target
+             for k, run in enumerate(starts)},
+        )  # fmt: skip
     captions = [prompt or "" for prompt in targets.prompts]
     save_samples(torch.stack([r.generation for r in runs]), captions, 1, config.seed,
                  output / GENERATIONS_DIR)  # fmt: skip
@@ -264,20 +324,30 @@ def write_attack(
         "replicated": rate_of(row["replicated"] for row in rows),
         "targets": rows,
     }
+    if locality is not None:
+        results["locality"] = locality[1]
     write_json(output / RESULTS_FILE, results)
     return results
 
 
 def run_trigger_attack(config: TriggerConfig) -> dict:
-    """`memguard attack trigger`: attack every target of `config.images`; write the triggers,
+    """`memguard attack trigger`: attack every target of `config.images` (and with
+    `config.locality`, from several starts, measuring their locality); write the triggers,
     the generations and triggers.json (see the module docstring); return what triggers.json
     holds."""
     model = load_model(config.model, config.device)
     targets = read_targets(config.images, model.image_size)
+    if config.locality:
+        require_prompts(targets.names, targets.prompts)  # before any attack runs
     train = None
     if config.train_data_dir is not None:
         train = ImageFolderDataset(config.train_data_dir, model.image_size)
     judge = RecoveryJudge(
         targets, train, config.replication_threshold, config.distance_threshold, model.device
     )
-    return write_attack(targets, attack_targets(model, targets, judge, config), judge, config)
+    runs = attack_targets(model, targets, judge, config)
+    locality = None
+    if config.locality:
+        per_target = locality_runs(model, targets, judge, config, runs)
+        locality = (per_target, locality_of(model, targets, per_target, config))
+    return write_attack(targets, runs, judge, config, locality)
