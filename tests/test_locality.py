@@ -133,6 +133,7 @@ def test_analysis_sets_each_target_beside_the_prompts(model) -> None:
         per_layer = row["activation_distance_ratio_per_layer"]
         assert row["activation_distance_ratio"] == pytest.approx(np.mean(list(per_layer.values())))
     assert [r["recovered"] for r in rows] == [2, 1, 0]
+    assert block["recovered"] == {"count": 3, "n": 6}
     assert rows[2]["embedding_distance_ratio"] == 0 and rows[2]["activation_distance_ratio"] == 0
     assert rows[2]["nemo_iou"] in (1, None) and rows[2]["wanda_iou"] == 1
     assert rows[0]["embedding_distance_ratio"] < rows[1]["embedding_distance_ratio"]
@@ -167,7 +168,7 @@ def test_attack_command_with_locality_writes_the_three_numbers(
              "--locality_starts", "3", "--locality_z_threshold", "1.0"]  # fmt: skip
     cli.main(flags)
     printed = capsys.readouterr().out
-    assert "locality (Kowalczuk et al., arXiv 2507.16880), 3 triggers per target" in printed
+    assert "locality (Kowalczuk et al., arXiv 2507.16880), 3 triggers per target (" in printed
     assert "IoU of NeMo's selections between triggers:" in printed
 
     results = json.loads((output / "triggers.json").read_text())
