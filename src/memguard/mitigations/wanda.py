@@ -11,9 +11,9 @@ compress a model; here the top goes, to cut what the memorized prompt drives.)
 
 The inputs: a cross-attention key or value projection (attn2.to_k / to_v) reads the text
 states, so X is the prompt's states (L, d), or any conditioning's (an embedding trigger), and no
-UNet runs. Any other linear layer reads the
-image stream; its inputs are collected with forward hooks during a generation from the prompt
-without guidance (so that every input comes from the prompt), over every denoising step.
+UNet runs. Any other linear layer reads the image stream; its inputs are collected with forward
+hooks during a generation from the prompt without guidance (so that every input comes from the
+prompt), over every denoising step.
 """
 
 from __future__ import annotations
