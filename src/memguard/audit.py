@@ -20,6 +20,15 @@ UNet folder, a Stable Diffusion pipeline folder) and the image folder it was tra
   embedding-trigger attack (Kowalczuk et al., arXiv 2507.16880) beside their prompts'
   (`memguard.audit_attacks`).
 
+A model without text (`memguard.conditioning`: class-conditional or unconditional, IET-AGC's
+DDPM setting, Liu et al., ECCV 2024) is audited on what it generates by itself: an
+unconditional model draws `min_generations_per_rate` samples (or `--num_images`) from the empty
+prompt, a class-conditional one as many per class, all of one kind ("unconditional", "class");
+replication (Gu et al.'s fraction of replicas in both conventions, MQ at every threshold, the
+count of replicas of every training image hit) and FID/KID are measured as for text, and the
+prompt-based sections (Wen et al.'s detection, the plugin's attribute accuracy and concept
+extraction) are skipped with the reason in results.json.
+
 Prompts come in three kinds: *duplicated* (a planted duplicate's caption when the folder has a
 `duplicate_group` column, otherwise a training caption with a repeated image), *ordinary* (any
 other training caption) and *unseen*. Every rate is reported with its 95% Wilson interval
@@ -42,6 +51,7 @@ import json
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -50,7 +60,7 @@ from PIL import Image
 from memguard import __version__
 from memguard.audit_attacks import ATTACK_RUNNERS
 from memguard.audit_plugins import AuditPlugin, plugin_class, selected
-from memguard.config import AuditConfig, to_dict
+from memguard.config import AuditConfig, ConfigError, to_dict
 from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata, unit_float
 from memguard.io import DiffusionModel, load_model, write_json
 from memguard.metrics.descriptors import ScriptedDescriptor, check_file
@@ -93,6 +103,26 @@ def duplicated_captions(train: ImageFolderDataset, groups: list[int]) -> set[str
     return {c for c, g in zip(train.captions, groups, strict=True) if size[g] > 1}
 
 
+class ConditionKind:
+    """The one kind of every generation of a model without text: 'unconditional' or 'class'."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, prompt: str) -> str:
+        return self.kind
+
+
+def condition_kind(conditioning: str) -> ConditionKind | None:
+    """The generations' kind of a model with `conditioning` (None: text, by prompt kind)."""
+    return {"none": ConditionKind("unconditional"), "class": ConditionKind("class")}.get(
+        conditioning
+    )
+
+
+PROMPT_KINDS = ("duplicated", "ordinary", "unseen", "class", "unconditional")
+
+
 class PromptKinds:
     """duplicated / ordinary / unseen, from the training folder."""
 
@@ -114,8 +144,12 @@ DEFINITIONS = {
     "replica_rate_all_rows": "Gu et al. 2023 as DiffMemorize's mem_ratio.py computes it: d1/d2 < "
     "threshold over every training row, so a copy of an image duplicated in the training set "
     "has d1 = d2 and does not count",
-    "own_replica_rate": "replica (copies merged) whose nearest image carries the prompt as caption",
-    "nearest_is_own_rate": "the nearest distinct training image carries the prompt as caption",
+    "own_replica_rate": "replica (copies merged) whose nearest image carries the prompt as caption "
+    "(its class, for a class-conditional model; any image, for an unconditional one)",
+    "nearest_is_own_rate": "the nearest distinct training image carries the prompt as caption "
+    "(as above)",
+    "images_hit": "every training image some generation replicates (copies merged, the image "
+    "nearest to the replica), with the number of replicas of it",
     "iet_mq": "IET-AGC (Liu et al., ECCV 2024), attack/all_in.py: d1^2 / mean(d1^2..dk^2), squared "
     "L2 to the k nearest training rows, copies kept, the mean including d1",
     "mq_distinct_l2": "memguard's variant, not IET's figure: d1 / mean(d1..dk), plain L2 to the k "
@@ -142,11 +176,13 @@ def _generation_rows(
     train: ImageFolderDataset,
     result: Replication,
     mq: dict[str, torch.Tensor],
-    kinds: PromptKinds,
+    kinds: Callable[[str], str],
+    conditions: Sequence[str],
 ) -> list[dict]:
-    """One row per generation: its prompt and kind, both Gu ratios and verdicts, both MQs."""
+    """One row per generation: its prompt and kind, both Gu ratios and verdicts, both MQs.
+    `conditions`: each training image's condition (its caption, class, or "")."""
     groups_of_caption: dict[str, set[int]] = defaultdict(set)
-    for caption, group in zip(train.captions, result.groups.tolist(), strict=True):
+    for caption, group in zip(conditions, result.groups.tolist(), strict=True):
         groups_of_caption[caption].add(group)
     rows = []
     for i, prompt in enumerate(samples.captions):
@@ -179,13 +215,17 @@ def replication_summary(
     distinct: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int = AuditConfig.chunk_size,
     device: str | torch.device | None = None,
+    kinds: Callable[[str], str] | None = None,
+    conditions: Sequence[str] | None = None,
 ) -> dict:
     """The replication section of results.json, for the audit and `memguard replication` alike:
     Gu et al.'s criterion in both conventions, overall, by prompt kind and by prompt; IET's MQ
     and memguard's variant; the training images hit most. One exact search of the distinct
     training images, streamed from the folder `chunk_size` images at a time on `device`,
     serves every figure (`distinct`: `distinct_rows` of the training images, when already
-    computed)."""
+    computed). `kinds`: each prompt's kind (default: duplicated / ordinary / unseen by the
+    training captions); `conditions`: each training image's condition that a prompt is compared
+    with for the "own" rates (default: its caption)."""
     reference = ImageRows(train)
     if distinct is None:
         distinct = distinct_rows(reference, chunk_size)
@@ -194,8 +234,9 @@ def replication_summary(
     ).to(device or "cpu")
     metrics.update(generated)
     result, mq = metrics["replication"].compute(), metrics["mq"].compute()
-    kinds = PromptKinds(train, result.groups.tolist())
-    generations = _generation_rows(samples, train, result, mq, kinds)
+    kinds = kinds or PromptKinds(train, result.groups.tolist())
+    conditions = train.captions if conditions is None else conditions
+    generations = _generation_rows(samples, train, result, mq, kinds, conditions)
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for row in generations:
         by_prompt[row["prompt"]].append(row)
@@ -212,7 +253,7 @@ def replication_summary(
         "overall": _figures(generations),
         "by_prompt_kind": {
             kind: _figures([r for r in generations if r["kind"] == kind])
-            for kind in ("duplicated", "ordinary", "unseen")
+            for kind in PROMPT_KINDS
             if any(r["kind"] == kind for r in generations)
         },
         "prompts": [
@@ -229,6 +270,10 @@ def replication_summary(
             {"file_name": name, "caption": caption_of[name], "replicas": count}
             for name, count in hits.most_common(20)
         ],
+        "images_hit": {
+            "count": len(hits),
+            "replicas": dict(sorted(hits.items(), key=lambda item: (-item[1], item[0]))),
+        },
         "generations": generations,
     }
 
@@ -270,6 +315,16 @@ class Auditor:
             self.plugin = plugin if given else plugin_class(name)()
         self.model: DiffusionModel = load_model(config.model, config.device)
         self.device = self.model.device
+        self.text = self.model.conditioning.text
+        # why the prompt-based measures do not apply (None for a text-conditional model)
+        self.no_prompts: str | None = None
+        if not self.text:
+            self.no_prompts = (
+                f"the model has conditioning {self.model.conditioning.kind}: no prompts to "
+                "detect, vary or attack"
+            )
+            if config.attacks:
+                raise ConfigError(f"attacks: {self.no_prompts}")
         self.warnings: list[str] = []
         self.attacks = {name: ATTACK_RUNNERS[name](config, self.model.image_size)
                         for name in config.attacks}  # fmt: skip
@@ -302,7 +357,7 @@ class Auditor:
         per_prompt = self.per_prompt(len(prompts))
         return [p for p in prompts for _ in range(per_prompt)], self.generate(prompts, per_prompt)
 
-    def samples(self, prompts: list[str], kinds: PromptKinds) -> Path:
+    def samples(self, prompts: list[str], kinds: Callable[[str], str]) -> Path:
         """The generations replication is measured on: each prompt kind is one rate."""
         if self.config.samples_dir is not None:
             return Path(self.config.samples_dir)
@@ -397,13 +452,23 @@ class Auditor:
         start = time.perf_counter()
         c = self.config
         self.output.mkdir(parents=True, exist_ok=True)
-        train = ImageFolderDataset(c.train_data_dir, self.model.image_size)
+        captions = "text" if self.text else None  # a folder without text may have no captions
+        train = ImageFolderDataset(c.train_data_dir, self.model.image_size, caption_column=captions)
         distinct = distinct_rows(ImageRows(train), c.chunk_size)
         kinds = PromptKinds(train, distinct[1].tolist())
+        given: list[str] = []
         if c.prompts is not None:
             if not Path(c.prompts).is_file():
                 raise FileNotFoundError(f"--prompts: no such file: {c.prompts}")
-            prompts = [p.strip() for p in Path(c.prompts).read_text().splitlines() if p.strip()]
+            given = [p.strip() for p in Path(c.prompts).read_text().splitlines() if p.strip()]
+        if not self.text:  # the classes given (default: all), or the empty prompt
+            kinds = condition_kind(self.model.conditioning.kind)
+            try:
+                prompts = self.model.conditioning.choose([], given)
+            except ValueError as error:
+                raise ConfigError(f"--prompts: {error}") from None
+        elif c.prompts is not None:
+            prompts = given
         else:
             prompts = default_prompts(train, kinds, c.num_ordinary_prompts, c.seed)
 
@@ -411,7 +476,7 @@ class Auditor:
         generated = images01(samples)
         replication = replication_summary(
             samples, train, generated, c.replication_threshold, c.nn_backend, distinct,
-            c.chunk_size, self.device,
+            c.chunk_size, self.device, kinds, self.model.conditioning.values(train),
         )  # fmt: skip
         results = {
             "memguard_version": __version__,
@@ -428,7 +493,12 @@ class Auditor:
             "samples_dir": str(Path(samples.root).resolve()),
             "replication": replication,
             "similarity": self.similarity(generated, train),
-            "detection": self.detection(list(dict.fromkeys(prompts)), kinds),
+            "detection": (
+                self.detection(list(dict.fromkeys(prompts)), kinds)
+                if self.text
+                else {"skipped": self.no_prompts, "auc": None, "auc_reason": self.no_prompts}
+            ),
+            "conditioning": self.model.conditioning.spec(),
         }
         if c.inception is not None:
             results["inception_quality"] = self.inception_quality(generated, train)

@@ -132,8 +132,6 @@ def read_prompts(config: SampleConfig) -> list[str]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--prompt_file: no such file: {path}")
         prompts += [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError("give at least one --prompt or --prompt_file")
     return prompts
 
 
@@ -142,8 +140,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from memguard.sampling import generate, save_samples
 
     config = _config(SampleConfig, args)
-    prompts = read_prompts(config)
+    given = read_prompts(config)
     model = load_model(config.model, config.device)
+    try:  # captions, classes, or the empty prompt of an unconditional model
+        prompts = model.conditioning.choose(given, config.class_label)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     images = generate(
         model,
         prompts,
