@@ -107,7 +107,9 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
         f"{summary['concept']} ({summary['concept_kind']}), "
         f"{counts['train_duplicates']} copies of {counts['duplicate_groups']} planted duplicates)\n"
         f"  test: {counts['test']}, concept exemplars: {counts['concept_exemplars']}\n"
-        f"  prompts: {root / 'prompts'}"
+        f"  prompts: {root / 'prompts'}\n"
+        f"  conditions: {summary['captions']}"
+        + (f" (column '{summary['class_column']}')" if "class_column" in summary else "")
     )
 
 

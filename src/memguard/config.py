@@ -405,6 +405,14 @@ class ShapesConfig:
         "rotation (moving), or the shape filled in acme hatching (texture)",
         choices=CONCEPT_KINDS,
     )
+    captions: str = option(
+        "text",
+        "what the folders give a model to condition on: captions (text), a 'class' column "
+        "(class: the shape's index, each planted duplicate a class of its own, as it has a "
+        "caption of its own; train with --conditioning class --class_column class) or nothing "
+        "(none: no caption column, for --conditioning none); the images are the same",
+        choices=("text", "class", "none"),
+    )
 
     def __post_init__(self) -> None:
         _require(

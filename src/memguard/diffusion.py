@@ -21,11 +21,15 @@ def per_sample_loss(
     unet: torch.nn.Module,
     scheduler: DDPMScheduler,
     x0: torch.Tensor,  # (B, C, H, W) images in [-1, 1] or VAE latents
-    condition: Mapping[str, torch.Tensor],  # the UNet's conditioning arguments, per sample
+    condition: Mapping[str, torch.Tensor] | torch.Tensor,  # conditioning arguments, or text
+    # states (B, L, d)
     timesteps: torch.Tensor,  # (B,) integers in [0, T)
     noise: torch.Tensor,  # (B, C, H, W) standard normal
 ) -> torch.Tensor:
-    """Denoising loss of each sample, shape (B,)."""
+    """Denoising loss of each sample, shape (B,); `condition`: the UNet's conditioning
+    arguments per sample (`memguard.conditioning`), or a text-conditional UNet's states."""
+    if isinstance(condition, torch.Tensor):
+        condition = {"encoder_hidden_states": condition}
     noisy = scheduler.add_noise(x0, noise, timesteps)
     prediction = unet(noisy, timesteps, **condition).sample
     if scheduler.config.prediction_type == "v_prediction":

@@ -50,8 +50,7 @@ def learn_concept_embedding(
         )
         noise = torch.randn(x0[index].shape, generator=generator)
         loss = per_sample_loss(
-            model.unet, scheduler, x0[index.to(device)],
-            {"encoder_hidden_states": states.to(device)}, timesteps.to(device),
+            model.unet, scheduler, x0[index.to(device)], states.to(device), timesteps.to(device),
             noise.to(device),
         ).mean()  # fmt: skip
         optimizer.zero_grad(set_to_none=True)

@@ -128,7 +128,7 @@ def denoising_losses(
     copies = len(timesteps) // len(x0)
     return per_sample_loss(
         unet, scheduler, x0.repeat_interleave(copies, dim=0),
-        {"encoder_hidden_states": states.repeat_interleave(copies, dim=0)}, timesteps, noise,
+        states.repeat_interleave(copies, dim=0), timesteps, noise,
     ).view(len(x0), copies).mean(dim=1)  # fmt: skip
 
 

@@ -109,7 +109,8 @@ class ShapesBenchmark(AuditPlugin):
             "judge": {"heldout_accuracy": judge.heldout_accuracy, "spec": asdict(judge.spec)},
         }
         test = ImageFolderDataset(auditor.config.test_data_dir or self.root / TEST,
-                                  samples.resolution)  # fmt: skip
+                                  samples.resolution,
+                                  caption_column="text" if auditor.text else None)  # fmt: skip
         if auditor.no_prompts is not None:  # class-conditional or unconditional
             generated = unit_float(samples.stacked())
             reason = auditor.no_prompts

@@ -104,10 +104,10 @@ def _run_on_noised(
                 noise = torch.randn(clean.shape, generator=generator)
                 t = torch.randint(0, num_timesteps, (len(clean),), generator=generator)
                 with torch.set_grad_enabled(backward):
-                    text = states[start : start + batch_size].to(device, dtype)
                     loss = per_sample_loss(
                         model, scheduler, clean.to(device, dtype),
-                        {"encoder_hidden_states": text}, t.to(device), noise.to(device, dtype),
+                        states[start : start + batch_size].to(device, dtype),
+                        t.to(device), noise.to(device, dtype),
                     ).mean()  # fmt: skip
                     if backward:
                         torch.autograd.grad(loss, weights)
