@@ -94,7 +94,9 @@ def test_unconditional_training_resumes_to_the_same_weights(captionless, tmp_pat
     assert model.conditioning.kind == "none"
 
 
-def test_unconditional_sampling_from_the_command_line(unconditional_model, tmp_path) -> None:
+def test_unconditional_sampling_from_the_command_line(
+    unconditional_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "samples"
     flags = ["--num_images", "3", "--num_inference_steps", "2", "--device", "cpu"]
     cli.main(["sample", "--model", str(unconditional_model), "--output_dir", str(out), *flags])
@@ -105,6 +107,9 @@ def test_unconditional_sampling_from_the_command_line(unconditional_model, tmp_p
     assert again.shape == (3, 3, 8, 8)
     with pytest.raises(ValueError, match="unconditional model"):
         generate(model, ["a red circle"], 1, seed=0, num_inference_steps=2)
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--model", str(unconditional_model), "--prompt", "a red circle"])
+    assert "takes no prompt or class" in capsys.readouterr().err
 
 
 def test_unconditional_audit_reports_replication_mq_and_the_images_hit(
@@ -135,7 +140,9 @@ def test_unconditional_audit_reports_replication_mq_and_the_images_hit(
     assert (tmp_path / "audit" / "report.html").is_file()
     # by default enough samples for a Wilson 95% interval within 10 points
     data = str(captionless / "train")
-    default = Auditor(AuditConfig(model=str(unconditional_model), train_data_dir=data))
+    default = Auditor(
+        AuditConfig(model=str(unconditional_model), train_data_dir=data, benchmark="none")
+    )
     assert default.per_prompt(1) >= 97
 
 
@@ -156,6 +163,11 @@ def test_class_conditional_training_sampling_and_audit(classed: Path, tmp_path: 
     model = load_model(tmp_path / "full", "cpu")
     images = generate(model, ["0", "4"], 2, seed=0, num_inference_steps=2)
     assert images.shape == (4, 3, 8, 8)
+    flags = ["--class_label", "0", "--class_label", "4", "--num_images", "2"]
+    out = tmp_path / "samples"
+    cli.main(["sample", "--model", str(tmp_path / "full"), "--output_dir", str(out),
+              "--num_inference_steps", "2", "--device", "cpu", *flags])  # fmt: skip
+    assert [row["text"] for row in rows(out)] == ["0", "0", "4", "4"]
     with pytest.raises(ValueError, match="'99' is not a class"):
         generate(model, ["99"], 1, seed=0, num_inference_steps=2)
     # two classes, one rate: ceil(6 / 2) generations each
@@ -179,6 +191,10 @@ def test_iet_with_agc_and_taa_trains_an_unconditional_ddpm(captionless, tmp_path
     )  # fmt: skip
     assert metadata["conditioning"] == {"kind": "none"}
     assert metadata["global_step"] == 6
+    agc = next(d for d in metadata["defenses"] if d["name"] == "agc")
+    assert sum(proxy["samples_skipped"] for proxy in agc["report"]["proxies"]) > 0
+    taa = next(d for d in metadata["defenses"] if d["name"] == "taa")
+    assert sum(proxy["augmented_samples"] for proxy in taa["report"]["proxies"]) > 0
     assert torch.isfinite(torch.tensor(metadata["final_loss"]))
 
 
