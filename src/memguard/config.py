@@ -138,6 +138,17 @@ def to_dict(config: Any) -> dict[str, Any]:
     }
 
 
+def with_defaults(cls: type, recorded: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A config recorded as a dict (`to_dict`'s JSON) with every key it lacks at its default: a
+    setting added after it was written took its default then (so a run recorded before
+    `conditioning` existed is the text-conditional run it was)."""
+    if recorded is None:
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    return {**plain, **recorded}
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
