@@ -212,3 +212,22 @@ def test_errors_name_what_is_wrong(shapes_dir: Path, captionless: Path, tmp_path
                    defense=["projection"], concept=["the acme logo"])  # fmt: skip
     with pytest.raises(DataError, match="missing caption column 'text'"):
         train_tiny(captionless / "train", tmp_path / "e")  # text conditioning needs captions
+
+
+def test_text_only_commands_refuse_a_model_without_text(
+    unconditional_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    model = str(unconditional_model)
+    for command in (
+        ["attack", "trigger", "--model", model, "--images", str(prompts)],
+        ["mitigate", "--model", model, "--prompts", str(prompts), "--method", "wanda",
+         "--output_dir", str(tmp_path / "pruned")],
+    ):  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli.main(command)
+        assert "needs a text-conditional model" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="attacks: the model has conditioning none"):
+        Auditor(AuditConfig(model=model, train_data_dir=str(tmp_path), attacks=("trigger",),
+                            benchmark="none"))  # fmt: skip

@@ -36,6 +36,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from memguard.conditioning import Conditioning, from_spec
+from memguard.config import ConfigError
 
 if TYPE_CHECKING:
     from memguard.data.text import TextEncoder
@@ -152,7 +153,7 @@ class DiffusionModel:
     def require_text(self, what: str) -> TextEncoder:
         """The text encoder, or an error saying that `what` needs a text-conditional model."""
         if self.encoder is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{what} needs a text-conditional model; this one has conditioning "
                 f"{self.conditioning.kind}"
             )

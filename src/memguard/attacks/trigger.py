@@ -273,6 +273,7 @@ def run_trigger_attack(config: TriggerConfig) -> dict:
     the generations and triggers.json (see the module docstring); return what triggers.json
     holds."""
     model = load_model(config.model, config.device)
+    model.require_text("the embedding-trigger attack (DoRI's triggers are text states)")
     targets = read_targets(config.images, model.image_size)
     train = None
     if config.train_data_dir is not None:
