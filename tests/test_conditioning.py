@@ -231,3 +231,15 @@ def test_text_only_commands_refuse_a_model_without_text(
     with pytest.raises(ConfigError, match="attacks: the model has conditioning none"):
         Auditor(AuditConfig(model=model, train_data_dir=str(tmp_path), attacks=("trigger",),
                             benchmark="none"))  # fmt: skip
+
+
+def test_replication_of_unconditional_samples_on_a_captionless_folder(
+    captionless: Path, unconditional_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, model = tmp_path / "samples", str(unconditional_model)
+    flags = ["--num_images", "4", "--num_inference_steps", "2", "--device", "cpu"]
+    cli.main(["sample", "--model", model, "--output_dir", str(out), *flags])
+    capsys.readouterr()
+    cli.main(["replication", "--samples_dir", str(out), "--train_data_dir",
+              str(captionless / "train"), "--output", str(tmp_path / "r.json")])  # fmt: skip
+    assert "replication, unconditional generations, generations: 4" in capsys.readouterr().out

@@ -82,11 +82,14 @@ REPORT_FILE = "report.html"
 def load_folders(
     samples_dir: str | Path, train_data_dir: str | Path
 ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
-    """Generations and training images, the latter at the generations' resolution."""
+    """Generations and training images, the latter at the generations' resolution (a training
+    folder without a caption column, for a model without text, is read without captions)."""
     with Image.open(read_metadata(samples_dir)[0].path) as first:
         resolution = first.size[0]
     samples = ImageFolderDataset(samples_dir, resolution=resolution)
-    return samples, ImageFolderDataset(train_data_dir, resolution)
+    rows = read_metadata(train_data_dir, caption_column=None)
+    captions = "text" if all("text" in row.columns for row in rows) else None
+    return samples, ImageFolderDataset(train_data_dir, resolution, caption_column=captions)
 
 
 def images01(dataset: ImageFolderDataset) -> torch.Tensor:
