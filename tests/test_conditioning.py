@@ -170,7 +170,7 @@ def test_class_conditional_training_sampling_and_audit(classed: Path, tmp_path: 
     assert [row["text"] for row in rows(out)] == ["0", "0", "4", "4"]
     with pytest.raises(ValueError, match="'99' is not a class"):
         generate(model, ["99"], 1, seed=0, num_inference_steps=2)
-    # two classes, one rate: ceil(6 / 2) generations each
+    # a class of ordinary images and a planted duplicate's, one rate each
     prompts = tmp_path / "classes.txt"
     prompts.write_text("0\n4\n")
     results = run_audit(AuditConfig(
@@ -179,7 +179,10 @@ def test_class_conditional_training_sampling_and_audit(classed: Path, tmp_path: 
         prompts=str(prompts),
     ))  # fmt: skip
     by_kind = results["replication"]["by_prompt_kind"]
-    assert list(by_kind) == ["class"] and by_kind["class"]["generations"] == 6
+    assert {kind: by_kind[kind]["generations"] for kind in by_kind} == {
+        "duplicated": 6,
+        "ordinary": 6,
+    }
     assert [p["prompt"] for p in results["replication"]["prompts"]] == ["0", "4"]
 
 

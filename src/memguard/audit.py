@@ -23,7 +23,8 @@ UNet folder, a Stable Diffusion pipeline folder) and the image folder it was tra
 A model without text (`memguard.conditioning`: class-conditional or unconditional, IET-AGC's
 DDPM setting, Liu et al., ECCV 2024) is audited on what it generates by itself: an
 unconditional model draws `min_generations_per_rate` samples (or `--num_images`) from the empty
-prompt, a class-conditional one as many per class, all of one kind ("unconditional", "class");
+prompt, all of one kind ("unconditional"); a class-conditional one is audited as a text one with
+its classes for prompts (duplicated: the classes of planted duplicates, or of repeated images);
 replication (Gu et al.'s fraction of replicas in both conventions, MQ at every threshold, the
 count of replicas of every training image hit) and FID/KID are measured as for text, and the
 prompt-based sections (Wen et al.'s detection, the plugin's attribute accuracy and concept
@@ -60,6 +61,7 @@ from PIL import Image
 from memguard import __version__
 from memguard.audit_attacks import ATTACK_RUNNERS
 from memguard.audit_plugins import AuditPlugin, plugin_class, selected
+from memguard.conditioning import Unconditional
 from memguard.config import AuditConfig, ConfigError, to_dict
 from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata, unit_float
 from memguard.io import DiffusionModel, load_model, write_json
@@ -97,41 +99,37 @@ def images01(dataset: ImageFolderDataset) -> torch.Tensor:
     return unit_float(dataset.stacked())
 
 
-def duplicated_captions(train: ImageFolderDataset, groups: list[int]) -> set[str]:
-    """Captions of planted duplicates (ground truth) or, without it, of repeated images."""
+def duplicated_captions(
+    train: ImageFolderDataset, groups: list[int], conditions: Sequence[str] | None = None
+) -> set[str]:
+    """Captions (`conditions`: the training images' classes, say) of planted duplicates (ground
+    truth) or, without it, of repeated images."""
+    conditions = train.captions if conditions is None else conditions
     planted = train.column("duplicate_group")
     if any(g is not None for g in planted):
-        return {c for c, g in zip(train.captions, planted, strict=True) if g is not None and g >= 0}
+        return {c for c, g in zip(conditions, planted, strict=True) if g is not None and g >= 0}
     size = Counter(groups)
-    return {c for c, g in zip(train.captions, groups, strict=True) if size[g] > 1}
+    return {c for c, g in zip(conditions, groups, strict=True) if size[g] > 1}
 
 
-class ConditionKind:
-    """The one kind of every generation of a model without text: 'unconditional' or 'class'."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-    def __call__(self, prompt: str) -> str:
-        return self.kind
+def unconditional(prompt: str) -> str:
+    """The one kind of every generation of an unconditional model."""
+    return "unconditional"
 
 
-def condition_kind(conditioning: str) -> ConditionKind | None:
-    """The generations' kind of a model with `conditioning` (None: text, by prompt kind)."""
-    return {"none": ConditionKind("unconditional"), "class": ConditionKind("class")}.get(
-        conditioning
-    )
-
-
-PROMPT_KINDS = ("duplicated", "ordinary", "unseen", "class", "unconditional")
+PROMPT_KINDS = ("duplicated", "ordinary", "unseen", "unconditional")
 
 
 class PromptKinds:
-    """duplicated / ordinary / unseen, from the training folder."""
+    """duplicated / ordinary / unseen, from the training folder; `conditions`: what a prompt is
+    (default: the training captions; a class-conditional model's classes)."""
 
-    def __init__(self, train: ImageFolderDataset, groups: list[int]) -> None:
-        self.training = set(train.captions)
-        self.duplicated = duplicated_captions(train, groups)
+    def __init__(
+        self, train: ImageFolderDataset, groups: list[int], conditions: Sequence[str] | None = None
+    ) -> None:
+        conditions = train.captions if conditions is None else conditions
+        self.training = set(conditions)
+        self.duplicated = duplicated_captions(train, groups, conditions)
 
     def __call__(self, prompt: str) -> str:
         if prompt not in self.training:
@@ -237,8 +235,8 @@ def replication_summary(
     ).to(device or "cpu")
     metrics.update(generated)
     result, mq = metrics["replication"].compute(), metrics["mq"].compute()
-    kinds = kinds or PromptKinds(train, result.groups.tolist())
     conditions = train.captions if conditions is None else conditions
+    kinds = kinds or PromptKinds(train, result.groups.tolist(), conditions)
     generations = _generation_rows(samples, train, result, mq, kinds, conditions)
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for row in generations:
@@ -458,16 +456,19 @@ class Auditor:
         captions = "text" if self.text else None  # a folder without text may have no captions
         train = ImageFolderDataset(c.train_data_dir, self.model.image_size, caption_column=captions)
         distinct = distinct_rows(ImageRows(train), c.chunk_size)
-        kinds = PromptKinds(train, distinct[1].tolist())
+        conditioning = self.model.conditioning
+        conditions = conditioning.values(train)  # captions, classes, or "" each
+        kinds = PromptKinds(train, distinct[1].tolist(), conditions)
+        if isinstance(conditioning, Unconditional):
+            kinds = unconditional
         given: list[str] = []
         if c.prompts is not None:
             if not Path(c.prompts).is_file():
                 raise FileNotFoundError(f"--prompts: no such file: {c.prompts}")
             given = [p.strip() for p in Path(c.prompts).read_text().splitlines() if p.strip()]
         if not self.text:  # the classes given (default: all), or the empty prompt
-            kinds = condition_kind(self.model.conditioning.kind)
             try:
-                prompts = self.model.conditioning.choose([], given)
+                prompts = conditioning.choose([], given)
             except ValueError as error:
                 raise ConfigError(f"--prompts: {error}") from None
         elif c.prompts is not None:
@@ -479,7 +480,7 @@ class Auditor:
         generated = images01(samples)
         replication = replication_summary(
             samples, train, generated, c.replication_threshold, c.nn_backend, distinct,
-            c.chunk_size, self.device, kinds, self.model.conditioning.values(train),
+            c.chunk_size, self.device, kinds, conditions,
         )  # fmt: skip
         results = {
             "memguard_version": __version__,

@@ -163,14 +163,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_replication(args: argparse.Namespace) -> None:
-    from memguard.audit import condition_kind, images01, load_folders, replication_summary
+    from memguard.audit import images01, load_folders, replication_summary, unconditional
     from memguard.io import best_device
 
     samples, train = load_folders(args.samples_dir, args.train_data_dir)
-    unconditional = not any(train.captions) and not any(samples.captions)
+    from_nothing = not any(train.captions) and not any(samples.captions)
     summary = replication_summary(
         samples, train, images01(samples), args.threshold, device=best_device(args.device),
-        kinds=condition_kind("none") if unconditional else None,
+        kinds=unconditional if from_nothing else None,
     )  # fmt: skip
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ MQ_LABELS = {
     "mq_distinct_l2": "MQ variant (plain L2, distinct images; not IET's)",
 }
 MQ_SHOWN = ("0.15", "0.3", "0.5")
-GENERATIONS_OF = {"unconditional": "unconditional generations", "class": "class generations"}
+GENERATIONS_OF = {"unconditional": "unconditional generations"}
 
 
 def rate_row(measure: str, rate: dict | None) -> Row:
