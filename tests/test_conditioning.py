@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DModel
 
 from conftest import SMALL_SHAPES
-from helpers import train_tiny
+from helpers import kill_after_first_checkpoint, tiny_settings, train_tiny
 from memguard import cli
 from memguard.audit import Auditor, run_audit
 from memguard.config import AuditConfig, ConfigError, ShapesConfig
@@ -246,3 +246,12 @@ def test_replication_of_unconditional_samples_on_a_captionless_folder(
     cli.main(["replication", "--samples_dir", str(out), "--train_data_dir",
               str(captionless / "train"), "--output", str(tmp_path / "r.json")])  # fmt: skip
     assert "replication, unconditional generations, generations: 4" in capsys.readouterr().out
+
+
+def test_a_killed_unconditional_run_resumes_to_the_same_weights(captionless, tmp_path) -> None:
+    steps = dict(conditioning="none", max_train_steps=60, checkpointing_steps=10, logging_steps=10)
+    train = captionless / "train"
+    train_tiny(train, tmp_path / "full", **steps)
+    kill_after_first_checkpoint(tiny_settings(train, tmp_path / "killed", **steps))
+    train_tiny(train, tmp_path / "killed", resume_from_checkpoint="latest", **steps)
+    assert_same_weights(tmp_path / "full", tmp_path / "killed")
