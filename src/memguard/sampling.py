@@ -5,9 +5,8 @@ Image j of every prompt starts from the noise of `seed + j`, so the same seed gi
 images, and different prompts are compared from the same starting points. A prompt is what the
 model is conditioned on (`memguard.conditioning`): a caption, a class label (its value in the
 class column, as a string), or, for an unconditional model (Ho et al., 2020), the empty prompt
-"" alone, without guidance. Generations are
-written as an image folder (PNG + `metadata.jsonl` with the prompt as `text`), which is what the
-audit reads, plus a grid for people.
+"" alone, without guidance. Generations are written as an image folder (PNG + `metadata.jsonl`
+with the prompt as `text`), which is what the audit reads, plus a grid for people.
 """
 
 from __future__ import annotations
@@ -114,8 +113,7 @@ def images_per_prompt(num_images: int | Sequence[int], num_prompts: int) -> list
 @torch.no_grad()
 def generate(
     model: DiffusionModel,
-    prompts: list[str] | torch.Tensor,  # P prompts (captions, class labels, or [""]), or text
-    # states (P, L, d)
+    prompts: list[str] | torch.Tensor,  # captions, classes or [""]; or text states (P, L, d)
     num_images: int | Sequence[int],
     seed: int,
     sampler: str = "dpm",
