@@ -16,10 +16,12 @@ from conftest import SMALL_SHAPES
 from helpers import kill_after_first_checkpoint, tiny_settings, train_tiny
 from memguard import cli
 from memguard.audit import Auditor, run_audit
+from memguard.audit_plugins.shapes import ShapesBenchmark
 from memguard.config import AuditConfig, ConfigError, ShapesConfig
 from memguard.data.folder import DataError
 from memguard.data.shapes import CLASS_COLUMN, SHAPES, make_shapes_dataset
 from memguard.io import load_model
+from memguard.metrics.judge import JudgeSpec
 from memguard.metrics.replication import MQ_THRESHOLDS
 from memguard.sampling import generate
 from test_trainer import assert_same_weights
@@ -255,3 +257,19 @@ def test_a_killed_unconditional_run_resumes_to_the_same_weights(captionless, tmp
     kill_after_first_checkpoint(tiny_settings(train, tmp_path / "killed", **steps))
     train_tiny(train, tmp_path / "killed", resume_from_checkpoint="latest", **steps)
     assert_same_weights(tmp_path / "full", tmp_path / "killed")
+
+
+def test_the_shapes_plugin_measures_quality_of_an_unconditional_model(
+    captionless: Path, unconditional_model: Path, tmp_path: Path
+) -> None:
+    judge = JudgeSpec(image_size=8, num_train=64, num_heldout=32, steps=2, batch_size=16)
+    config = AuditConfig(
+        model=str(unconditional_model), train_data_dir=str(captionless / "train"),
+        output_dir=str(tmp_path / "audit"), num_inference_steps=2, min_generations_per_rate=8,
+        device="cpu",
+    )  # fmt: skip
+    section = run_audit(config, ShapesBenchmark(judge))["benchmark"]
+    assert section["name"] == "shapes"  # declared by the captionless benchmark's dataset.json
+    assert section["quality"]["generations"] == 8
+    assert {"fid", "kid_mean"} <= set(section["quality"])
+    assert set(section["skipped"]) == {"attribute_accuracy", "concept_extraction"}
