@@ -135,8 +135,7 @@ def test_unconditional_audit_reports_replication_mq_and_the_images_hit(
         assert set(below) == {f"{t:g}" for t in MQ_THRESHOLDS}
         assert all(rate["n"] == 12 for rate in below.values())
     assert (
-        results["detection"]["auc"] is None
-        and "conditioning none" in results["detection"]["skipped"]
+        results["detection"]["auc"] is None and "unconditional" in results["detection"]["skipped"]
     )
     assert results["conditioning"] == {"kind": "none"}
     assert (tmp_path / "audit" / "report.html").is_file()
@@ -178,7 +177,7 @@ def test_class_conditional_training_sampling_and_audit(classed: Path, tmp_path: 
     results = run_audit(AuditConfig(
         model=str(tmp_path / "full"), train_data_dir=str(train), output_dir=str(tmp_path / "a"),
         benchmark="none", num_inference_steps=2, min_generations_per_rate=6, device="cpu",
-        prompts=str(prompts),
+        prompts=str(prompts), detection_seeds=2,
     ))  # fmt: skip
     by_kind = results["replication"]["by_prompt_kind"]
     assert {kind: by_kind[kind]["generations"] for kind in by_kind} == {
@@ -186,6 +185,13 @@ def test_class_conditional_training_sampling_and_audit(classed: Path, tmp_path: 
         "ordinary": 6,
     }
     assert [p["prompt"] for p in results["replication"]["prompts"]] == ["0", "4"]
+    # Wen et al.'s detection: a class's prediction against the null class's
+    detection = results["detection"]
+    assert [(row["prompt"], row["kind"]) for row in detection["scores"]] == [
+        ("0", "ordinary"),
+        ("4", "duplicated"),
+    ]
+    assert detection["auc"] in (0.0, 1.0)
 
 
 def test_iet_with_agc_and_taa_trains_an_unconditional_ddpm(captionless, tmp_path) -> None:

@@ -27,8 +27,9 @@ prompt, all of one kind ("unconditional"); a class-conditional one is audited as
 its classes for prompts (duplicated: the classes of planted duplicates, or of repeated images);
 replication (Gu et al.'s fraction of replicas in both conventions, MQ at every threshold, the
 count of replicas of every training image hit) and FID/KID are measured as for text, and the
-prompt-based sections (Wen et al.'s detection, the plugin's attribute accuracy and concept
-extraction) are skipped with the reason in results.json.
+caption-based sections (the plugin's attribute accuracy and concept extraction, the attacks) are
+skipped with the reason in results.json, and so is Wen et al.'s detection for an unconditional
+model (a class model's classes are scored as prompts are, against the null class).
 
 Prompts come in three kinds: *duplicated* (a planted duplicate's caption when the folder has a
 `duplicate_group` column, otherwise a training caption with a repeated image), *ordinary* (any
@@ -317,12 +318,12 @@ class Auditor:
         self.model: DiffusionModel = load_model(config.model, config.device)
         self.device = self.model.device
         self.text = self.model.conditioning.text
-        # why the prompt-based measures do not apply (None for a text-conditional model)
+        # why the caption-based measures do not apply (None for a text-conditional model)
         self.no_prompts: str | None = None
         if not self.text:
             self.no_prompts = (
-                f"the model has conditioning {self.model.conditioning.kind}: no prompts to "
-                "detect, vary or attack"
+                f"the model has conditioning {self.model.conditioning.kind}: no captions to "
+                "vary or attack"
             )
             if config.attacks:
                 raise ConfigError(f"attacks: {self.no_prompts}")
@@ -367,8 +368,16 @@ class Auditor:
         images = self.generate(prompts, counts)
         return save_samples(images, prompts, counts, self.config.seed, self.output / "samples")
 
-    def detection(self, prompts: list[str], kinds: PromptKinds) -> dict:
+    def detection(self, prompts: list[str], kinds: Callable[[str], str]) -> dict:
+        """Wen et al.'s detection of the prompts (a class model's classes) that replicate; an
+        unconditional model has none, and the section says so."""
         c = self.config
+        if isinstance(self.model.conditioning, Unconditional):
+            reason = (
+                "the model is unconditional: no prompt or class to compare with the "
+                "unconditional prediction"
+            )
+            return {"skipped": reason, "auc": None, "auc_reason": reason}
         magnitudes = step_magnitudes(
             self.model,
             prompts,
@@ -497,11 +506,7 @@ class Auditor:
             "samples_dir": str(Path(samples.root).resolve()),
             "replication": replication,
             "similarity": self.similarity(generated, train),
-            "detection": (
-                self.detection(list(dict.fromkeys(prompts)), kinds)
-                if self.text
-                else {"skipped": self.no_prompts, "auc": None, "auc_reason": self.no_prompts}
-            ),
+            "detection": self.detection(list(dict.fromkeys(prompts)), kinds),
             "conditioning": self.model.conditioning.spec(),
         }
         if c.inception is not None:

@@ -29,6 +29,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from memguard.conditioning import Unconditional
 from memguard.io import DiffusionModel
 from memguard.sampling import denoise, initial_noise
 
@@ -48,7 +49,9 @@ def step_magnitudes(
     guided trajectory, averaged over `seeds` starts (the noises of seeds seed .. seed+seeds-1)."""
     if guidance_scale == 1.0:
         raise ValueError("detection needs guided sampling (guidance_scale != 1)")
-    model.require_text("memorization detection (Wen et al.)")
+    if isinstance(model.conditioning, Unconditional):
+        raise ValueError("detection compares a prompt's (or class's) prediction with the "
+                         "unconditional one; an unconditional model has no prompts")  # fmt: skip
     cond = model.conditioning.model_inputs(prompts)
     uncond = model.conditioning.null_inputs(1)
     noise = initial_noise(model.sample_shape, seed, seeds)
