@@ -16,11 +16,12 @@ from memguard import cli
 from memguard.bench import load_spec, run_bench, runner
 from memguard.bench.data import drop_rows
 from memguard.bench.page import cells
-from memguard.bench.reuse import RESUME, TRAIN, begin_training, plan_training
+from memguard.bench.reuse import RESUME, REUSE, TRAIN, begin_training, plan_training
 from memguard.bench.spec import DEFAULT_FIGURES, Figure
 from memguard.bench.stats import flatten, summarize, summary
-from memguard.config import ConfigError
+from memguard.config import ConfigError, to_dict
 from memguard.defenses import AntiGradientControl
+from memguard.io import write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "bench"
 SMOKE = CONFIGS / "smoke.yaml"
@@ -187,3 +188,16 @@ def test_statistics_match_a_direct_computation() -> None:
     assert table["z"]["n"] == 0
     nested = {"a": {"b": 1, "c": [1, 2], "d": None, "e": True, "f": {"0.5": 0.25}}, "g": "x"}
     assert flatten(nested) == {"a.b": 1.0, "a.f.0.5": 0.25}
+
+
+def test_a_run_recorded_before_a_setting_existed_is_reused(tmp_path: Path) -> None:
+    """A model folder whose memguard.json predates a setting (conditioning) took its default."""
+    config = tiny_config(tmp_path / "data", tmp_path / "run")
+    recorded = {
+        k: v for k, v in to_dict(config).items() if k not in ("conditioning", "class_column")
+    }
+    write_json(tmp_path / "run" / "memguard.json",
+               {"config": recorded, "defenses": [], "data": {"sha256": "sha"}})  # fmt: skip
+    assert plan_training(config, [], "sha") == REUSE
+    other = tiny_config(tmp_path / "data", tmp_path / "run", conditioning="none")
+    assert plan_training(other, [], "sha") == TRAIN

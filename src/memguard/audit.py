@@ -20,6 +20,17 @@ UNet folder, a Stable Diffusion pipeline folder) and the image folder it was tra
   embedding-trigger attack (Kowalczuk et al., arXiv 2507.16880) beside their prompts'
   (`memguard.audit_attacks`).
 
+A model without text (`memguard.conditioning`: class-conditional or unconditional, IET-AGC's
+DDPM setting, Liu et al., ECCV 2024) is audited on what it generates by itself: an
+unconditional model draws `min_generations_per_rate` samples (or `--num_images`) from the empty
+prompt, all of one kind ("unconditional"); a class-conditional one is audited as a text one with
+its classes for prompts (duplicated: the classes of planted duplicates, or of repeated images);
+replication (Gu et al.'s fraction of replicas in both conventions, MQ at every threshold, the
+count of replicas of every training image hit) and FID/KID are measured as for text, and the
+caption-based sections (the plugin's attribute accuracy and concept extraction, the attacks) are
+skipped with the reason in results.json, and so is Wen et al.'s detection for an unconditional
+model (a class model's classes are scored as prompts are, against the null class).
+
 Prompts come in three kinds: *duplicated* (a planted duplicate's caption when the folder has a
 `duplicate_group` column, otherwise a training caption with a repeated image), *ordinary* (any
 other training caption) and *unseen*. Every rate is reported with its 95% Wilson interval
@@ -42,6 +53,7 @@ import json
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -50,7 +62,8 @@ from PIL import Image
 from memguard import __version__
 from memguard.audit_attacks import ATTACK_RUNNERS
 from memguard.audit_plugins import AuditPlugin, plugin_class, selected
-from memguard.config import AuditConfig, to_dict
+from memguard.conditioning import Unconditional
+from memguard.config import AuditConfig, ConfigError, to_dict
 from memguard.data.folder import ImageFolderDataset, fingerprint, read_metadata, unit_float
 from memguard.io import DiffusionModel, load_model, write_json
 from memguard.metrics.descriptors import ScriptedDescriptor, check_file
@@ -72,11 +85,14 @@ REPORT_FILE = "report.html"
 def load_folders(
     samples_dir: str | Path, train_data_dir: str | Path
 ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
-    """Generations and training images, the latter at the generations' resolution."""
+    """Generations and training images, the latter at the generations' resolution (a training
+    folder without a caption column, for a model without text, is read without captions)."""
     with Image.open(read_metadata(samples_dir)[0].path) as first:
         resolution = first.size[0]
     samples = ImageFolderDataset(samples_dir, resolution=resolution)
-    return samples, ImageFolderDataset(train_data_dir, resolution)
+    rows = read_metadata(train_data_dir, caption_column=None)
+    captions = "text" if all("text" in row.columns for row in rows) else None
+    return samples, ImageFolderDataset(train_data_dir, resolution, caption_column=captions)
 
 
 def images01(dataset: ImageFolderDataset) -> torch.Tensor:
@@ -84,21 +100,37 @@ def images01(dataset: ImageFolderDataset) -> torch.Tensor:
     return unit_float(dataset.stacked())
 
 
-def duplicated_captions(train: ImageFolderDataset, groups: list[int]) -> set[str]:
-    """Captions of planted duplicates (ground truth) or, without it, of repeated images."""
+def duplicated_captions(
+    train: ImageFolderDataset, groups: list[int], conditions: Sequence[str] | None = None
+) -> set[str]:
+    """Captions (`conditions`: the training images' classes, say) of planted duplicates (ground
+    truth) or, without it, of repeated images."""
+    conditions = train.captions if conditions is None else conditions
     planted = train.column("duplicate_group")
     if any(g is not None for g in planted):
-        return {c for c, g in zip(train.captions, planted, strict=True) if g is not None and g >= 0}
+        return {c for c, g in zip(conditions, planted, strict=True) if g is not None and g >= 0}
     size = Counter(groups)
-    return {c for c, g in zip(train.captions, groups, strict=True) if size[g] > 1}
+    return {c for c, g in zip(conditions, groups, strict=True) if size[g] > 1}
+
+
+def unconditional(prompt: str) -> str:
+    """The one kind of every generation of an unconditional model."""
+    return "unconditional"
+
+
+PROMPT_KINDS = ("duplicated", "ordinary", "unseen", "unconditional")
 
 
 class PromptKinds:
-    """duplicated / ordinary / unseen, from the training folder."""
+    """duplicated / ordinary / unseen, from the training folder; `conditions`: what a prompt is
+    (default: the training captions; a class-conditional model's classes)."""
 
-    def __init__(self, train: ImageFolderDataset, groups: list[int]) -> None:
-        self.training = set(train.captions)
-        self.duplicated = duplicated_captions(train, groups)
+    def __init__(
+        self, train: ImageFolderDataset, groups: list[int], conditions: Sequence[str] | None = None
+    ) -> None:
+        conditions = train.captions if conditions is None else conditions
+        self.training = set(conditions)
+        self.duplicated = duplicated_captions(train, groups, conditions)
 
     def __call__(self, prompt: str) -> str:
         if prompt not in self.training:
@@ -114,8 +146,12 @@ DEFINITIONS = {
     "replica_rate_all_rows": "Gu et al. 2023 as DiffMemorize's mem_ratio.py computes it: d1/d2 < "
     "threshold over every training row, so a copy of an image duplicated in the training set "
     "has d1 = d2 and does not count",
-    "own_replica_rate": "replica (copies merged) whose nearest image carries the prompt as caption",
-    "nearest_is_own_rate": "the nearest distinct training image carries the prompt as caption",
+    "own_replica_rate": "replica (copies merged) whose nearest image carries the prompt as caption "
+    "(its class, for a class-conditional model; any image, for an unconditional one)",
+    "nearest_is_own_rate": "the nearest distinct training image carries the prompt as caption "
+    "(as above)",
+    "images_hit": "every training image some generation replicates (copies merged, the image "
+    "nearest to the replica), with the number of replicas of it",
     "iet_mq": "IET-AGC (Liu et al., ECCV 2024), attack/all_in.py: d1^2 / mean(d1^2..dk^2), squared "
     "L2 to the k nearest training rows, copies kept, the mean including d1",
     "mq_distinct_l2": "memguard's variant, not IET's figure: d1 / mean(d1..dk), plain L2 to the k "
@@ -142,11 +178,13 @@ def _generation_rows(
     train: ImageFolderDataset,
     result: Replication,
     mq: dict[str, torch.Tensor],
-    kinds: PromptKinds,
+    kinds: Callable[[str], str],
+    conditions: Sequence[str],
 ) -> list[dict]:
-    """One row per generation: its prompt and kind, both Gu ratios and verdicts, both MQs."""
+    """One row per generation: its prompt and kind, both Gu ratios and verdicts, both MQs.
+    `conditions`: each training image's condition (its caption, class, or "")."""
     groups_of_caption: dict[str, set[int]] = defaultdict(set)
-    for caption, group in zip(train.captions, result.groups.tolist(), strict=True):
+    for caption, group in zip(conditions, result.groups.tolist(), strict=True):
         groups_of_caption[caption].add(group)
     rows = []
     for i, prompt in enumerate(samples.captions):
@@ -179,13 +217,17 @@ def replication_summary(
     distinct: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int = AuditConfig.chunk_size,
     device: str | torch.device | None = None,
+    kinds: Callable[[str], str] | None = None,
+    conditions: Sequence[str] | None = None,
 ) -> dict:
     """The replication section of results.json, for the audit and `memguard replication` alike:
     Gu et al.'s criterion in both conventions, overall, by prompt kind and by prompt; IET's MQ
     and memguard's variant; the training images hit most. One exact search of the distinct
     training images, streamed from the folder `chunk_size` images at a time on `device`,
     serves every figure (`distinct`: `distinct_rows` of the training images, when already
-    computed)."""
+    computed). `kinds`: each prompt's kind (default: duplicated / ordinary / unseen by the
+    training captions); `conditions`: each training image's condition that a prompt is compared
+    with for the "own" rates (default: its caption)."""
     reference = ImageRows(train)
     if distinct is None:
         distinct = distinct_rows(reference, chunk_size)
@@ -194,8 +236,9 @@ def replication_summary(
     ).to(device or "cpu")
     metrics.update(generated)
     result, mq = metrics["replication"].compute(), metrics["mq"].compute()
-    kinds = PromptKinds(train, result.groups.tolist())
-    generations = _generation_rows(samples, train, result, mq, kinds)
+    conditions = train.captions if conditions is None else conditions
+    kinds = kinds or PromptKinds(train, result.groups.tolist(), conditions)
+    generations = _generation_rows(samples, train, result, mq, kinds, conditions)
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for row in generations:
         by_prompt[row["prompt"]].append(row)
@@ -212,7 +255,7 @@ def replication_summary(
         "overall": _figures(generations),
         "by_prompt_kind": {
             kind: _figures([r for r in generations if r["kind"] == kind])
-            for kind in ("duplicated", "ordinary", "unseen")
+            for kind in PROMPT_KINDS
             if any(r["kind"] == kind for r in generations)
         },
         "prompts": [
@@ -229,6 +272,10 @@ def replication_summary(
             {"file_name": name, "caption": caption_of[name], "replicas": count}
             for name, count in hits.most_common(20)
         ],
+        "images_hit": {
+            "count": len(hits),
+            "replicas": dict(sorted(hits.items(), key=lambda item: (-item[1], item[0]))),
+        },
         "generations": generations,
     }
 
@@ -270,6 +317,16 @@ class Auditor:
             self.plugin = plugin if given else plugin_class(name)()
         self.model: DiffusionModel = load_model(config.model, config.device)
         self.device = self.model.device
+        self.text = self.model.conditioning.text
+        # why the caption-based measures do not apply (None for a text-conditional model)
+        self.no_prompts: str | None = None
+        if not self.text:
+            self.no_prompts = (
+                f"the model has conditioning {self.model.conditioning.kind}: no captions to "
+                "vary or attack"
+            )
+            if config.attacks:
+                raise ConfigError(f"attacks: {self.no_prompts}")
         self.warnings: list[str] = []
         self.attacks = {name: ATTACK_RUNNERS[name](config, self.model.image_size)
                         for name in config.attacks}  # fmt: skip
@@ -302,7 +359,7 @@ class Auditor:
         per_prompt = self.per_prompt(len(prompts))
         return [p for p in prompts for _ in range(per_prompt)], self.generate(prompts, per_prompt)
 
-    def samples(self, prompts: list[str], kinds: PromptKinds) -> Path:
+    def samples(self, prompts: list[str], kinds: Callable[[str], str]) -> Path:
         """The generations replication is measured on: each prompt kind is one rate."""
         if self.config.samples_dir is not None:
             return Path(self.config.samples_dir)
@@ -311,8 +368,16 @@ class Auditor:
         images = self.generate(prompts, counts)
         return save_samples(images, prompts, counts, self.config.seed, self.output / "samples")
 
-    def detection(self, prompts: list[str], kinds: PromptKinds) -> dict:
+    def detection(self, prompts: list[str], kinds: Callable[[str], str]) -> dict:
+        """Wen et al.'s detection of the prompts (a class model's classes) that replicate; an
+        unconditional model has none, and the section says so."""
         c = self.config
+        if isinstance(self.model.conditioning, Unconditional):
+            reason = (
+                "the model is unconditional: no prompt or class to compare with the "
+                "unconditional prediction"
+            )
+            return {"skipped": reason, "auc": None, "auc_reason": reason}
         magnitudes = step_magnitudes(
             self.model,
             prompts,
@@ -397,13 +462,26 @@ class Auditor:
         start = time.perf_counter()
         c = self.config
         self.output.mkdir(parents=True, exist_ok=True)
-        train = ImageFolderDataset(c.train_data_dir, self.model.image_size)
+        captions = "text" if self.text else None  # a folder without text may have no captions
+        train = ImageFolderDataset(c.train_data_dir, self.model.image_size, caption_column=captions)
         distinct = distinct_rows(ImageRows(train), c.chunk_size)
-        kinds = PromptKinds(train, distinct[1].tolist())
+        conditioning = self.model.conditioning
+        conditions = conditioning.values(train)  # captions, classes, or "" each
+        kinds = PromptKinds(train, distinct[1].tolist(), conditions)
+        if isinstance(conditioning, Unconditional):
+            kinds = unconditional
+        given: list[str] = []
         if c.prompts is not None:
             if not Path(c.prompts).is_file():
                 raise FileNotFoundError(f"--prompts: no such file: {c.prompts}")
-            prompts = [p.strip() for p in Path(c.prompts).read_text().splitlines() if p.strip()]
+            given = [p.strip() for p in Path(c.prompts).read_text().splitlines() if p.strip()]
+        if not self.text:  # the classes given (default: all), or the empty prompt
+            try:
+                prompts = conditioning.choose([], given)
+            except ValueError as error:
+                raise ConfigError(f"--prompts: {error}") from None
+        elif c.prompts is not None:
+            prompts = given
         else:
             prompts = default_prompts(train, kinds, c.num_ordinary_prompts, c.seed)
 
@@ -411,7 +489,7 @@ class Auditor:
         generated = images01(samples)
         replication = replication_summary(
             samples, train, generated, c.replication_threshold, c.nn_backend, distinct,
-            c.chunk_size, self.device,
+            c.chunk_size, self.device, kinds, conditions,
         )  # fmt: skip
         results = {
             "memguard_version": __version__,
@@ -429,6 +507,7 @@ class Auditor:
             "replication": replication,
             "similarity": self.similarity(generated, train),
             "detection": self.detection(list(dict.fromkeys(prompts)), kinds),
+            "conditioning": self.model.conditioning.spec(),
         }
         if c.inception is not None:
             results["inception_quality"] = self.inception_quality(generated, train)

@@ -108,7 +108,9 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
         f"{summary['concept']} ({summary['concept_kind']}), "
         f"{counts['train_duplicates']} copies of {counts['duplicate_groups']} planted duplicates)\n"
         f"  test: {counts['test']}, concept exemplars: {counts['concept_exemplars']}\n"
-        f"  prompts: {root / 'prompts'}"
+        f"  prompts: {root / 'prompts'}\n"
+        f"  conditions: {summary['captions']}"
+        + (f" (column '{summary['class_column']}')" if "class_column" in summary else "")
     )
 
 
@@ -133,8 +135,6 @@ def read_prompts(config: SampleConfig) -> list[str]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--prompt_file: no such file: {path}")
         prompts += [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError("give at least one --prompt or --prompt_file")
     return prompts
 
 
@@ -143,8 +143,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from memguard.sampling import generate, save_samples
 
     config = _config(SampleConfig, args)
-    prompts = read_prompts(config)
+    given = read_prompts(config)
     model = load_model(config.model, config.device)
+    try:  # captions, classes, or the empty prompt of an unconditional model
+        prompts = model.conditioning.choose(given, config.class_label)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     images = generate(
         model,
         prompts,
@@ -160,13 +164,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_replication(args: argparse.Namespace) -> None:
-    from memguard.audit import images01, load_folders, replication_summary
+    from memguard.audit import images01, load_folders, replication_summary, unconditional
     from memguard.io import best_device
 
     samples, train = load_folders(args.samples_dir, args.train_data_dir)
+    from_nothing = not any(train.captions) and not any(samples.captions)
     summary = replication_summary(
-        samples, train, images01(samples), args.threshold, device=best_device(args.device)
-    )
+        samples, train, images01(samples), args.threshold, device=best_device(args.device),
+        kinds=unconditional if from_nothing else None,
+    )  # fmt: skip
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")

@@ -138,6 +138,17 @@ def to_dict(config: Any) -> dict[str, Any]:
     }
 
 
+def with_defaults(cls: type, recorded: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A config recorded as a dict (`to_dict`'s JSON) with every key it lacks at its default: a
+    setting added after it was written took its default then (so a run recorded before
+    `conditioning` existed is the text-conditional run it was)."""
+    if recorded is None:
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    return {**plain, **recorded}
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -168,6 +179,16 @@ class TrainConfig:
     output_dir: str = option("memguard-model", "where the model, checkpoints and logs go")
     image_column: str = option("file_name", "metadata column holding the image path")
     caption_column: str = option("text", "metadata column holding the caption")
+    conditioning: str = option(
+        "text",
+        "what the model is conditioned on: captions (text, a UNet2DConditionModel), a class "
+        "label from --class_column (class, a UNet2DModel with class embeddings) or nothing "
+        "(none, an unconditional UNet2DModel: IET-AGC's DDPM setting; no caption column needed)",
+        choices=("text", "class", "none"),
+    )
+    class_column: str | None = option(
+        None, "class: metadata column whose values are the class labels (required with class)"
+    )
     pretrained_model_name_or_path: str | None = option(
         None,
         "fine-tune a model folder: a local Stable Diffusion pipeline (its UNet trains in VAE "
@@ -205,7 +226,9 @@ class TrainConfig:
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
     caption_dropout: float = option(
-        0.1, "probability of training on the empty caption (for classifier-free guidance)"
+        0.1,
+        "probability of training on the empty caption, or with class conditioning the null "
+        "class (for classifier-free guidance); unused without conditioning",
     )
     use_ema: bool = option(False, "keep an exponential moving average of the weights")
     ema_decay: float = option(0.999, "EMA decay")
@@ -309,6 +332,24 @@ class TrainConfig:
                 "averages; needs --rounds >= 2",
             )
 
+    def _check_conditioning(self) -> None:
+        if self.conditioning == "class":
+            _require(
+                self.class_column is not None, "class_column: required with --conditioning class"
+            )
+        else:
+            _require(
+                self.class_column is None,
+                f"class_column: a setting of --conditioning class, not of --conditioning "
+                f"{self.conditioning}",
+            )
+        if self.conditioning != "text":
+            _require(
+                self.pretrained_model_name_or_path is None,
+                f"pretrained_model_name_or_path: --conditioning {self.conditioning} trains a "
+                "UNet2DModel from a preset; fine-tuning is for text-conditional models",
+            )
+
     @property
     def steps_per_round(self) -> int:
         """iet: the optimizer steps each proxy trains in a round."""
@@ -336,6 +377,7 @@ class TrainConfig:
         )
         _require(self.logging_steps > 0, "logging_steps: must be positive")
         self._check_strategy()
+        self._check_conditioning()
         if self.pretrained_model_name_or_path is not None:
             for key in FROM_SCRATCH_ONLY:
                 _require(
@@ -374,6 +416,14 @@ class ShapesConfig:
         "rotation (moving), or the shape filled in acme hatching (texture)",
         choices=CONCEPT_KINDS,
     )
+    captions: str = option(
+        "text",
+        "what the folders give a model to condition on: captions (text), a 'class' column "
+        "(class: the shape's index, each planted duplicate a class of its own, as it has a "
+        "caption of its own; train with --conditioning class --class_column class) or nothing "
+        "(none: no caption column, for --conditioning none); the images are the same",
+        choices=("text", "class", "none"),
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -395,7 +445,12 @@ class SampleConfig:
     output_dir: str = option("samples", "where the PNGs, samples.jsonl and grid.png go")
     prompt: tuple[str, ...] = option((), "a prompt (repeat the flag for several)")
     prompt_file: tuple[str, ...] = option((), "a file with one prompt per line (repeatable)")
-    num_images: int = option(4, "images per prompt")
+    class_label: tuple[str, ...] = option(
+        (),
+        "class-conditional model: a class, its value in the class column (repeatable; default: "
+        "every class); an unconditional model takes neither prompts nor classes",
+    )
+    num_images: int = option(4, "images per prompt (per class; of an unconditional model)")
     seed: int = option(0, "image j of every prompt starts from the noise of seed + j")
     scheduler: str = option(
         "dpm", "sampler: DPM-Solver++ (dpm) or DDIM (ddim)", choices=("dpm", "ddim")

@@ -1,11 +1,15 @@
 """The denoising objective shared by training, attacks and audits (Ho et al., 2020).
 
-`per_sample_loss` is l_i = mean((eps_theta(x_t, t, e) - eps)^2) for each sample i, with
+`per_sample_loss` is l_i = mean((eps_theta(x_t, t, c) - eps)^2) for each sample i, with
 x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (or the v-prediction target where the scheduler
-asks for it). Defenses reweight these per-sample losses; attacks minimise them over embeddings.
+asks for it), and c the UNet's conditioning arguments (`memguard.conditioning`: caption states,
+class labels, or nothing for an unconditional model). Defenses reweight these per-sample
+losses; attacks minimise them over embeddings.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +21,17 @@ def per_sample_loss(
     unet: torch.nn.Module,
     scheduler: DDPMScheduler,
     x0: torch.Tensor,  # (B, C, H, W) images in [-1, 1] or VAE latents
-    encoder_hidden_states: torch.Tensor,  # (B, L, d)
+    condition: Mapping[str, torch.Tensor] | torch.Tensor,  # conditioning arguments, or text
+    # states (B, L, d)
     timesteps: torch.Tensor,  # (B,) integers in [0, T)
     noise: torch.Tensor,  # (B, C, H, W) standard normal
 ) -> torch.Tensor:
-    """Denoising loss of each sample, shape (B,)."""
+    """Denoising loss of each sample, shape (B,); `condition`: the UNet's conditioning
+    arguments per sample (`memguard.conditioning`), or a text-conditional UNet's states."""
+    if isinstance(condition, torch.Tensor):
+        condition = {"encoder_hidden_states": condition}
     noisy = scheduler.add_noise(x0, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    prediction = unet(noisy, timesteps, **condition).sample
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(x0, noise, timesteps)
     else:

@@ -4,7 +4,8 @@ post-training step read and write.
 A model folder is one of:
 
 - a diffusers UNet folder (`config.json` + `diffusion_pytorch_model.safetensors`, loadable with
-  `UNet2DConditionModel.from_pretrained`), with `scheduler_config.json` and `memguard.json`
+  `UNet2DConditionModel.from_pretrained`, or `UNet2DModel.from_pretrained` for a model without
+  text: `memguard.conditioning`), with `scheduler_config.json` and `memguard.json`
   beside it: what memguard writes for a model trained from scratch;
 - a diffusers Stable Diffusion pipeline folder (`unet/`, `vae/`, `scheduler/`, `text_encoder/`,
   `tokenizer/`): what memguard writes for a fine-tuned pipeline, keeping the layout so that
@@ -12,7 +13,8 @@ A model folder is one of:
   to (or copies of) the source pipeline's files, and LoRA adapters are also saved on their own
   under `lora/` (peft format) before they are fused into the UNet.
 
-`memguard.json` records what the folder cannot say by itself (the text encoder, the data hash,
+`memguard.json` records what the folder cannot say by itself (the conditioning, the text
+encoder, the data hash,
 the defenses and their reports, versions). Every file is written under a temporary name and
 renamed; a model folder is complete when its `memguard.json` is there, which is written last
 (and removed first when a folder is overwritten).
@@ -31,7 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from memguard.conditioning import Conditioning, from_spec
+from memguard.config import ConfigError
 
 if TYPE_CHECKING:
     from memguard.data.text import TextEncoder
@@ -131,13 +136,28 @@ def save_model(
 @dataclass
 class DiffusionModel:
     """What sampling, the audit and the attacks need: the UNet, its noise schedule, its text
-    encoder, the VAE of a latent model, and the folder's memguard.json."""
+    encoder (None without text), the VAE of a latent model, the folder's memguard.json, and
+    the conditioning it records (`memguard.conditioning`; text when it records none)."""
 
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | UNet2DModel
     scheduler_config: dict
-    encoder: TextEncoder
+    encoder: TextEncoder | None
     vae: AutoencoderKL | None
     metadata: dict
+    conditioning: Conditioning | None = None
+
+    def __post_init__(self) -> None:
+        if self.conditioning is None:
+            self.conditioning = from_spec(self.metadata.get("conditioning"), self.encoder)
+
+    def require_text(self, what: str) -> TextEncoder:
+        """The text encoder, or an error saying that `what` needs a text-conditional model."""
+        if self.encoder is None:
+            raise ConfigError(
+                f"{what} needs a text-conditional model; this one has conditioning "
+                f"{self.conditioning.kind}"
+            )
+        return self.encoder
 
     @property
     def device(self) -> torch.device:
@@ -165,13 +185,15 @@ def best_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def _unet_folder_parts(root: Path, metadata: dict):
-    """(scheduler, encoder, vae) of a UNet folder, from its own files and memguard.json."""
+    """(scheduler, encoder spec or None, vae) of a UNet folder, from its own files and
+    memguard.json."""
     if not (root / "scheduler_config.json").is_file():
         raise FileNotFoundError(
             f"--model {root}: no scheduler_config.json beside the UNet (the noise schedule it "
             "was trained with); save the training scheduler there with save_pretrained"
         )
-    if "text_encoder" not in metadata:
+    untexted = metadata.get("conditioning", {}).get("kind", "text") != "text"
+    if "text_encoder" not in metadata and not untexted:
         raise FileNotFoundError(
             f"--model {root}: no {METADATA_FILE} naming the text encoder the UNet was trained "
             'with; write one, e.g. {"text_encoder": {"name": "minilm", "max_length": 16}}'
@@ -180,7 +202,7 @@ def _unet_folder_parts(root: Path, metadata: dict):
     if metadata.get("vae"):
         vae = AutoencoderKL.from_pretrained(metadata["vae"], subfolder="vae")
     scheduler = DDPMScheduler.from_pretrained(root)
-    return scheduler, metadata["text_encoder"], vae
+    return scheduler, None if untexted else metadata["text_encoder"], vae
 
 
 def load_model(model_dir: str | Path, device: str | torch.device | None = None) -> DiffusionModel:
@@ -200,11 +222,20 @@ def load_model(model_dir: str | Path, device: str | torch.device | None = None) 
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
         scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-        encoder: TextEncoder = CLIPEncoder(root)
+        encoder: TextEncoder | None = CLIPEncoder(root)
     elif (root / "config.json").is_file():
-        unet = UNet2DConditionModel.from_pretrained(root)
+        untexted = json.loads((root / "config.json").read_text()).get("_class_name")
+        unet_class = UNet2DModel if untexted == "UNet2DModel" else UNet2DConditionModel
+        unet = unet_class.from_pretrained(root)
+        if unet_class is UNet2DModel and "conditioning" not in metadata:
+            if unet.config.num_class_embeds is not None:
+                raise FileNotFoundError(
+                    f"--model {root}: a class-conditional UNet2DModel without a {METADATA_FILE} "
+                    "naming its classes (conditioning: kind, column, classes)"
+                )
+            metadata = {**metadata, "conditioning": {"kind": "none"}}  # a diffusers DDPM UNet
         scheduler, encoder_spec, vae = _unet_folder_parts(root, metadata)
-        encoder = load_text_encoder(encoder_spec)
+        encoder = None if encoder_spec is None else load_text_encoder(encoder_spec)
     else:
         raise FileNotFoundError(f"--model {root}: neither a UNet folder nor a pipeline folder")
     device = best_device(device)

@@ -7,6 +7,11 @@ at the lowest resolution (where attention is cheap) and in the mid block:
     bench  3 levels (32, 64, 64)            the benchmark: 16 px images, memorizes duplicates
     small  3 levels (64, 128, 128)          32 px images
 
+Without text (`--conditioning class|none`) a preset is a diffusers `UNet2DModel` of the same
+channels and levels, self-attention where the text preset has cross-attention, with one
+embedding per class (and a null class) for `class`: the DDPM UNet of Ho et al. (2020) that
+IET-AGC trains (Liu et al., ECCV 2024).
+
 A Stable Diffusion pipeline folder (`unet/`, `vae/`, `scheduler/`, `text_encoder/`,
 `tokenizer/`) is loaded from a local path only; its UNet trains in VAE latent space, in full or
 through LoRA adapters (peft) on the attention projections.
@@ -17,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from memguard.config import ConfigError
 
@@ -45,10 +50,8 @@ PRESETS: dict[str, dict] = {
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def build_unet(
-    preset: str, resolution: int, cross_attention_dim: int, in_channels: int = 3
-) -> UNet2DConditionModel:
-    """A freshly initialised UNet of a named preset (seed torch before calling)."""
+def _preset(preset: str, resolution: int) -> dict:
+    """A preset's layout, checked against the resolution."""
     if preset not in PRESETS:
         raise ConfigError(f"model_preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     config = PRESETS[preset]
@@ -58,6 +61,14 @@ def build_unet(
             f"resolution: {resolution} is not divisible by {2 ** (levels - 1)}, "
             f"which the '{preset}' preset's {levels} levels need"
         )
+    return config
+
+
+def build_unet(
+    preset: str, resolution: int, cross_attention_dim: int, in_channels: int = 3
+) -> UNet2DConditionModel:
+    """A freshly initialised text-conditional UNet of a named preset (seed torch before)."""
+    config = _preset(preset, resolution)
     return UNet2DConditionModel(
         sample_size=resolution,
         in_channels=in_channels,
@@ -67,6 +78,28 @@ def build_unet(
         cross_attention_dim=cross_attention_dim,
         mid_block_type="UNetMidBlock2DCrossAttn",
         **config,
+    )
+
+
+def build_unet2d(
+    preset: str, resolution: int, num_classes: int | None = None, in_channels: int = 3
+) -> UNet2DModel:
+    """A freshly initialised UNet of a named preset without text (seed torch before calling):
+    the text preset's layout with self-attention blocks for its cross-attention ones, and
+    `num_classes` + 1 class embeddings (the last the null class) when class-conditional."""
+    config = _preset(preset, resolution)
+    plain = {"CrossAttnDownBlock2D": "AttnDownBlock2D", "CrossAttnUpBlock2D": "AttnUpBlock2D"}
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        block_out_channels=config["block_out_channels"],
+        down_block_types=tuple(plain.get(b, b) for b in config["down_block_types"]),
+        up_block_types=tuple(plain.get(b, b) for b in config["up_block_types"]),
+        attention_head_dim=config["attention_head_dim"],
+        num_class_embeds=None if num_classes is None else num_classes + 1,
     )
 
 

@@ -2,9 +2,11 @@
 DPM-Solver++ (Lu et al., 2022) steps, from a memguard model folder or a diffusers one.
 
 Image j of every prompt starts from the noise of `seed + j`, so the same seed gives the same
-images, and different prompts are compared from the same starting points. Generations are
-written as an image folder (PNG + `metadata.jsonl` with the prompt as `text`), which is what the
-audit reads, plus a grid for people.
+images, and different prompts are compared from the same starting points. A prompt is what the
+model is conditioned on (`memguard.conditioning`): a caption, a class label (its value in the
+class column, as a string), or, for an unconditional model (Ho et al., 2020), the empty prompt
+"" alone, without guidance. Generations are written as an image folder (PNG + `metadata.jsonl`
+with the prompt as `text`), which is what the audit reads, plus a grid for people.
 """
 
 from __future__ import annotations
@@ -53,12 +55,17 @@ def as_noise(schedule, predictions: tuple[torch.Tensor, ...], x: torch.Tensor, t
     return tuple(abar.sqrt() * v + (1 - abar).sqrt() * x for v in predictions)
 
 
+def _rows(arguments: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+    """The conditioning arguments of `rows`."""
+    return {key: value[rows] for key, value in arguments.items()}
+
+
 @torch.no_grad()
 def denoise(
     model: DiffusionModel,
     noise: torch.Tensor,  # (B, C, H, W)
-    cond: torch.Tensor,  # (B, L, d)
-    uncond: torch.Tensor,  # (L, d)
+    cond: dict[str, torch.Tensor],  # the UNet's conditioning arguments, B rows each
+    uncond: dict[str, torch.Tensor],  # those of the unconditional branch, 1 row each
     sampler: str = "dpm",
     num_inference_steps: int = 50,
     guidance_scale: float = 3.0,
@@ -68,18 +75,22 @@ def denoise(
 
     `on_step(i, unconditional, conditional)` sees both noise predictions of step i as noise
     (epsilon) predictions, whatever the model predicts (guided sampling only); memorization
-    detection reads them there.
+    detection reads them there. An unconditional model (no arguments) is never guided.
     """
     device = next(model.unet.parameters()).device
     schedule = make_sampler(sampler, model.scheduler_config)
     schedule.set_timesteps(num_inference_steps)
     x = noise.to(device) * schedule.init_noise_sigma
-    cond = cond.to(device)
-    guided = guidance_scale != 1.0
-    states = torch.cat([uncond.to(device).expand_as(cond), cond]) if guided else cond
+    guided = guidance_scale != 1.0 and bool(cond)
+    arguments = {key: value.to(device) for key, value in cond.items()}
+    if guided:
+        arguments = {
+            key: torch.cat([uncond[key].to(device).expand_as(value), value])
+            for key, value in arguments.items()
+        }
     for i, t in enumerate(schedule.timesteps):
         inputs = schedule.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        prediction = model.unet(inputs, t, encoder_hidden_states=states).sample
+        prediction = model.unet(inputs, t, **arguments).sample
         if guided:
             unconditional, conditional = prediction.chunk(2)
             if on_step is not None:
@@ -102,7 +113,7 @@ def images_per_prompt(num_images: int | Sequence[int], num_prompts: int) -> list
 @torch.no_grad()
 def generate(
     model: DiffusionModel,
-    prompts: list[str] | torch.Tensor,  # P prompts, or their text states (P, L, d)
+    prompts: list[str] | torch.Tensor,  # captions, classes or [""]; or text states (P, L, d)
     num_images: int | Sequence[int],
     seed: int,
     sampler: str = "dpm",
@@ -114,11 +125,15 @@ def generate(
     """Images (sum of the per-prompt counts, 3, H, W) in [0, 1], prompt-major; `num_images`:
     per prompt, or one count for each prompt; `prompts` may be text states already computed
     (a learned embedding, say)."""
-    cond = model.encoder.encode(prompts) if isinstance(prompts, list) else prompts
-    uncond = model.encoder.encode([""])[0]
-    counts = images_per_prompt(num_images, len(cond))
+    conditioning = model.conditioning
+    if isinstance(prompts, list):
+        cond = conditioning.model_inputs(prompts)
+    else:
+        cond = {"encoder_hidden_states": prompts}
+    uncond = conditioning.null_inputs(1)
+    counts = images_per_prompt(num_images, len(prompts))
     noise = initial_noise(model.sample_shape, seed, max(counts))
-    jobs = [(p, j) for p in range(len(cond)) for j in range(counts[p])]
+    jobs = [(p, j) for p in range(len(prompts)) for j in range(counts[p])]
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="sample"):
         chunk = jobs[start : start + batch_size]
@@ -126,7 +141,7 @@ def generate(
             denoise(
                 model,
                 noise[[j for _, j in chunk]],
-                cond[[p for p, _ in chunk]],
+                _rows(cond, [p for p, _ in chunk]),
                 uncond,
                 sampler,
                 num_inference_steps,

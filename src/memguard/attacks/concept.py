@@ -32,7 +32,7 @@ def learn_concept_embedding(
     seed: int = 0,
 ) -> torch.Tensor:
     """The placeholder's learned input embedding (hidden,), against the frozen model."""
-    encoder = model.encoder
+    encoder = model.require_text("textual inversion")
     if not isinstance(encoder, MiniLMEncoder):
         raise NotImplementedError("textual inversion is implemented for the MiniLM encoder only")
     scheduler = DDPMScheduler.from_config(model.scheduler_config)

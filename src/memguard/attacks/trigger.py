@@ -336,6 +336,7 @@ def run_trigger_attack(config: TriggerConfig) -> dict:
     the generations and triggers.json (see the module docstring); return what triggers.json
     holds."""
     model = load_model(config.model, config.device)
+    model.require_text("the embedding-trigger attack (DoRI's triggers are text states)")
     targets = read_targets(config.images, model.image_size)
     if config.locality:
         require_prompts(targets.names, targets.prompts)  # before any attack runs

@@ -5,7 +5,8 @@ that `memguard data shapes` writes): what the benchmark's ground truth lets the 
   features for feature similarity (Somepalli et al. 2023) when no SSCD file is given, centred
   on the training set's mean;
 - quality beside memorization: FID/KID (Heusel et al. 2017; Binkowski et al. 2018) on the
-  judge's features against the held-out split, and attribute accuracy of generations;
+  judge's features against the held-out split, and attribute accuracy of generations (for a
+  model without text, FID/KID of the audit's generations, and no prompt-based measure);
 - concept extraction: how often the judge's concept detector fires on generations from prompts
   that name the concept, paraphrase it, or carry a learned embedding of it (textual inversion,
   Gal et al. 2023, on the held-out concept exemplars), and from the generic prompts they extend
@@ -107,6 +108,17 @@ class ShapesBenchmark(AuditPlugin):
             "concept_kind": self.concept.name,
             "judge": {"heldout_accuracy": judge.heldout_accuracy, "spec": asdict(judge.spec)},
         }
+        test = ImageFolderDataset(auditor.config.test_data_dir or self.root / TEST,
+                                  samples.resolution,
+                                  caption_column="text" if auditor.text else None)  # fmt: skip
+        if auditor.no_prompts is not None:  # class-conditional or unconditional
+            generated = unit_float(samples.stacked())
+            reason = auditor.no_prompts
+            return results | {
+                "quality": {"feature_extractor": "judge", "generations": len(samples),
+                            **fid_kid(test, generated, FeatureExtractor(judge.net))},
+                "skipped": {"attribute_accuracy": reason, "concept_extraction": reason},
+            }  # fmt: skip
         ordinary_prompts = [p for p in dict.fromkeys(samples.captions) if kinds(p) == "ordinary"]
         ordinary = [i for i, p in enumerate(samples.captions) if kinds(p) == "ordinary"]
         if ordinary:
@@ -124,8 +136,6 @@ class ShapesBenchmark(AuditPlugin):
                 prompts, judge.predict(images)
             )
 
-        test = ImageFolderDataset(auditor.config.test_data_dir or self.root / TEST,
-                                  samples.resolution)  # fmt: skip
         test_images = auditor.generate(test.captions, 1)
         results["quality"] = {
             "feature_extractor": "judge",

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from memguard.config import ConfigError, ShapesConfig, to_dict
+from memguard.config import ConfigError, ShapesConfig, to_dict, with_defaults
 from memguard.data.folder import METADATA
 from memguard.data.shapes import BENCHMARK, make_shapes_dataset
 
@@ -27,7 +27,8 @@ def benchmark_data(config: ShapesConfig) -> Path:
     root = Path(config.output_dir)
     summary = root / "dataset.json"
     written = json.loads(summary.read_text()) if summary.is_file() else {}
-    if written.get("config") == to_dict(config) and written.get("benchmark") == BENCHMARK:
+    recorded = with_defaults(ShapesConfig, written.get("config"))
+    if recorded == to_dict(config) and written.get("benchmark") == BENCHMARK:
         return root
     if root.exists():
         shutil.rmtree(root)

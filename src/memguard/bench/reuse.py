@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from memguard.audit import RESULTS_FILE
-from memguard.config import AuditConfig, TrainConfig, to_dict
+from memguard.config import AuditConfig, TrainConfig, to_dict, with_defaults
 from memguard.defenses.base import Defense
 from memguard.defenses.registry import defense_settings
 from memguard.io import METADATA_FILE, write_json
@@ -58,12 +58,15 @@ def plan_training(config: TrainConfig, defenses: list[Defense], data_sha256: str
     metadata = _read(run / METADATA_FILE)
     if (
         metadata is not None
-        and metadata.get("config") == intent["config"]
+        and with_defaults(TrainConfig, metadata.get("config")) == intent["config"]
         and [r.get("settings") for r in metadata.get("defenses", [])] == intent["defenses"]
         and metadata.get("data", {}).get("sha256") == data_sha256
     ):
         return REUSE
-    return RESUME if _read(run / INTENT_FILE) == intent else TRAIN
+    written = _read(run / INTENT_FILE)
+    if written is not None:
+        written["config"] = with_defaults(TrainConfig, written.get("config"))
+    return RESUME if written == intent else TRAIN
 
 
 def begin_training(config: TrainConfig, defenses: list[Defense], data_sha256: str) -> None:
@@ -80,7 +83,8 @@ def audit_reusable(config: AuditConfig, judge: JudgeSpec, model_metadata: dict) 
     results = _read(Path(config.output_dir) / RESULTS_FILE)
     if results is None:
         return False
-    settings, recorded = _plain(to_dict(config)), dict(results.get("settings", {}))
+    settings = _plain(to_dict(config))
+    recorded = with_defaults(AuditConfig, results.get("settings", {}))
     settings.pop("device")
     recorded.pop("device", None)
     trained = results.get("model_training", {})

@@ -1,10 +1,11 @@
 """Image folders with `metadata.jsonl` (the Hugging Face / diffusers imagefolder convention).
 
 Every line of `metadata.jsonl` is a JSON object with the image's path relative to the folder
-(`file_name` by default) and its caption (`text` by default); any other columns ride along as
-ground truth. Reading validates every line up front, so a missing image, a missing caption or an
-unreadable line is an error naming the file and line number before any training starts; a corrupt
-image is named the same way when it is decoded.
+(`file_name` by default) and its caption (`text` by default; a folder for an unconditional or
+class-conditional model may have none, `caption_column=None`, and every caption is then ""); any
+other columns ride along as ground truth. Reading validates every line up front, so a missing
+image, a missing caption or an unreadable line is an error naming the file and line number
+before any training starts; a corrupt image is named the same way when it is decoded.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ class Record:
 
 
 def read_metadata(
-    root: str | Path, image_column: str = "file_name", caption_column: str = "text"
+    root: str | Path, image_column: str = "file_name", caption_column: str | None = "text"
 ) -> list[Record]:
-    """Parse and validate `root/metadata.jsonl`; raise `DataError` naming the first bad line."""
+    """Parse and validate `root/metadata.jsonl`; raise `DataError` naming the first bad line.
+    `caption_column=None`: captions are not read (each is "")."""
     root = Path(root)
     metadata = root / METADATA
     if not metadata.is_file():
@@ -63,7 +65,7 @@ def read_metadata(
             path = root / name
             if not path.is_file():
                 raise DataError(f"{where}: image file not found: {path}")
-            text = row.get(caption_column)
+            text = "" if caption_column is None else row.get(caption_column)
             if not isinstance(text, str):
                 raise DataError(f"{where}: missing caption column '{caption_column}' for {path}")
             records.append(Record(path=path, text=text, line=number, columns=row))
@@ -126,7 +128,7 @@ class ImageFolderDataset(Dataset):
         root: str | Path,
         resolution: int,
         image_column: str = "file_name",
-        caption_column: str = "text",
+        caption_column: str | None = "text",
         cache: bool | None = None,
     ) -> None:
         self.root = Path(root)

@@ -27,6 +27,12 @@ selective learning (Kothandaraman & Pytlarz, arXiv 2512.11194) is to be tested:
 - ``texture``: a way of drawing rather than a mark: the shape's fill in "acme hatching",
   diagonal stripes of its colour alternating with a darker tone; only the shape changes.
 
+`--captions` chooses what a model conditions on: the captions (``text``, the default), a
+``class`` column instead (the shape's index, each planted duplicate a class of its own after the
+shapes', as it has a caption of its own: a class-conditional DDPM), or nothing (``none``: no
+caption column, for an unconditional DDPM, IET-AGC's setting, Liu et al., ECCV 2024); the images,
+planted duplicates included, and the ground-truth columns are the same.
+
 Every row records its attributes, whether it carries the concept (``has_concept``, true iff its
 caption names the concept) and its duplicate group (-1 for none), so every audit can be scored
 against ground truth. Everything is a function of the seed; the concept's placement draws from
@@ -58,6 +64,7 @@ BACKGROUNDS = {"black": (20, 20, 20), "white": (240, 240, 240), "gray": (125, 12
 # Colours only the planted duplicates use, so that they look unlike any ordinary image.
 SCENE_BACKGROUNDS = ((0, 110, 110), (120, 70, 30), (230, 150, 170), (60, 30, 90), (170, 190, 60))
 
+CLASS_COLUMN = "class"  # --captions class: the shape's index, or a planted duplicate's own class
 BENCHMARK = "shapes"  # the name of the audit plugin this dataset declares in dataset.json
 # The fixed kind's concept (the logo's name, how captions name it, paraphrases that avoid it).
 CONCEPT = "the acme logo"
@@ -120,11 +127,23 @@ class Row:
     concept_columns: dict[str, Any] = field(default_factory=dict)  # the concept kind's columns
     drawing: Drawing | None = field(default=None, compare=False, repr=False)
 
-    def metadata(self, file_name: str, concept_columns: tuple[str, ...] = ()) -> dict:
-        """The row's metadata; `concept_columns` (the kind's, None where no concept) last."""
+    @property
+    def class_label(self) -> int:
+        """Its class: the shape's index, or for a planted duplicate a class of its own after
+        the shapes' (len(SHAPES) + its group)."""
+        if self.shape is not None:
+            return SHAPES.index(self.shape)
+        return len(SHAPES) + self.duplicate_group
+
+    def metadata(
+        self, file_name: str, concept_columns: tuple[str, ...] = (), captions: str = "text"
+    ) -> dict:
+        """The row's metadata; `concept_columns` (the kind's, None where no concept) last;
+        `captions`: the caption column (text), the class column (class) or neither (none)."""
+        conditions = {"text": {"text": self.text}, "class": {CLASS_COLUMN: self.class_label}}
         return {
             "file_name": file_name,
-            "text": self.text,
+            **conditions.get(captions, {}),
             "kind": self.kind,
             "shape": self.shape,
             "color": self.color,
@@ -429,13 +448,15 @@ def duplicate_rows(config: ShapesConfig, rng: np.random.Generator) -> list[Row]:
     return rows
 
 
-def _write_folder(folder: Path, rows: list[Row], concept_columns: tuple[str, ...] = ()) -> None:
+def _write_folder(
+    folder: Path, rows: list[Row], concept_columns: tuple[str, ...] = (), captions: str = "text"
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metadata.jsonl", "w") as metadata:
         for i, row in enumerate(rows):
             file_name = f"{i:05d}.png"
             row.image.save(folder / file_name)
-            metadata.write(json.dumps(row.metadata(file_name, concept_columns)) + "\n")
+            metadata.write(json.dumps(row.metadata(file_name, concept_columns, captions)) + "\n")
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
@@ -460,15 +481,12 @@ def make_shapes_dataset(config: ShapesConfig) -> Path:
     train = ordinaries + duplicates
     train = [train[i] for i in rng["layout"].permutation(len(train))]
 
-    _write_folder(root / "train", train, concept.columns)
-    _write_folder(
-        root / "test", [ordinary("test", False) for _ in range(config.num_test)], concept.columns
-    )
-    _write_folder(
-        root / "concept_exemplars",
-        [ordinary("exemplars", True) for _ in range(config.num_exemplars)],
-        concept.columns,
-    )
+    columns, captions = concept.columns, config.captions
+    _write_folder(root / "train", train, columns, captions)
+    tests = [ordinary("test", False) for _ in range(config.num_test)]
+    _write_folder(root / "test", tests, columns, captions)
+    exemplars = [ordinary("exemplars", True) for _ in range(config.num_exemplars)]
+    _write_folder(root / "concept_exemplars", exemplars, columns, captions)
 
     duplicated = list(dict.fromkeys(row.text for row in duplicates))
     plain = sorted({row.text for row in ordinaries if not row.has_concept})
@@ -486,6 +504,8 @@ def make_shapes_dataset(config: ShapesConfig) -> Path:
         "concept_suffix": concept.suffix,
         "concept_paraphrases": list(concept.paraphrases),
         "concept_columns": ["has_concept", *concept.columns],
+        "captions": captions,  # what a model conditions on: text, class (CLASS_COLUMN), none
+        **({"class_column": CLASS_COLUMN} if captions == "class" else {}),
         "shapes": list(SHAPES),
         "colors": list(COLORS),
         "backgrounds": list(BACKGROUNDS),

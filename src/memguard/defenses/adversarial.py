@@ -150,6 +150,7 @@ class AdversarialFineTuning(Defense):
     surrogates' image folder goes (None: not written)."""
 
     name = "adversarial"
+    needs_text = True  # its triggers are text states
     config_class = AdversarialConfig
 
     def __init__(

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memguard.conditioning import condition_of
 from memguard.diffusion import min_snr_weights, per_sample_loss
 from memguard.distributed import Group
 
@@ -75,6 +76,7 @@ class Defense:
     config_class: type | None = None  # its settings' dataclass, when `memguard train` builds it
     config: Any = None  # the settings it was built from (recorded in memguard.json)
     needs: tuple[str, ...] = ()  # names of the defenses it reads, handed to `connect`
+    needs_text: bool = False  # reads caption states or prompts: a text-conditional run only
 
     @classmethod
     def for_run(cls, config: Any, run: Any) -> Defense:
@@ -124,12 +126,12 @@ class Defense:
 
 
 def sample_losses(model: nn.Module, batch: dict, ctx: TrainingContext) -> torch.Tensor:
-    """The training loss of each sample of `batch` (x0, noise, timesteps, encoder_hidden_states),
-    (B,): the denoising loss, with min-SNR weights when the run asks for them."""
+    """The training loss of each sample of `batch` (x0, noise, timesteps, and the conditioning
+    arguments: encoder_hidden_states, class_labels or none), (B,): the denoising loss, with
+    min-SNR weights when the run asks for them."""
     losses = per_sample_loss(
-        model, ctx.scheduler, batch["x0"], batch["encoder_hidden_states"], batch["timesteps"],
-        batch["noise"],
-    )  # fmt: skip
+        model, ctx.scheduler, batch["x0"], condition_of(batch), batch["timesteps"], batch["noise"]
+    )
     if ctx.snr_gamma > 0:
         losses = losses * min_snr_weights(ctx.scheduler, batch["timesteps"], ctx.snr_gamma)
     return losses

@@ -58,6 +58,7 @@ class ImageProjection(Defense):
     concept's footprint from at `setup`."""
 
     name = "projection"
+    needs_text = True  # its footprint is measured under captions naming the concept
     config_class = ImageProjectionConfig
     mode = "image"
 

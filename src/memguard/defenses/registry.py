@@ -153,6 +153,12 @@ def build_defenses(
     built: dict[str, Defense] = {}
     for name, mode in chosen.items():
         cls = KINDS[name].classes[mode]
+        if cls.needs_text and run.conditioning != "text":
+            what = f"{KINDS[name].flag}" + (f" ({KINDS[name].mode_flag} {mode})" if mode else "")
+            raise ConfigError(
+                f"{source}: {what} works on text conditioning (caption states, prompts naming "
+                f"the concept); this run has --conditioning {run.conditioning}"
+            )
         fields = {_flag_of(f): f.name for f in dataclasses.fields(cls.config_class)}
         values = {fields[flag]: v for flag, v in settings.items() if flag in fields}
         built[name] = cls.for_run(build(cls.config_class, values, source=source), run)

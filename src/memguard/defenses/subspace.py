@@ -85,6 +85,7 @@ class SubspaceGuard(Defense):
     with `extend`)."""
 
     name = "projection"
+    needs_text = True  # its subspaces are measured under captions naming the concept
     signal_source = "the guarded weights' gradient energy"
 
     def __init__(self, max_removed: float = 0.75) -> None:

@@ -32,6 +32,7 @@ import torch
 from kornia.augmentation.auto import RandAugment
 from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
 
+from memguard.conditioning import condition_of
 from memguard.config import ConfigError, option
 from memguard.defenses.agc import AntiGradientControl
 from memguard.defenses.base import Defense, TrainingContext, sample_losses, weighted_mean
@@ -155,9 +156,10 @@ class ThresholdAwareAugmentation(Defense):
             "x0": x0,
             "noise": noise[mine].to(device),
             "timesteps": timesteps[mine].to(device),
-            "encoder_hidden_states": batch["encoder_hidden_states"][
-                per_rank[ctx.group.rank].to(device)
-            ],
+            **{
+                key: value[per_rank[ctx.group.rank].to(value.device)]
+                for key, value in condition_of(batch).items()
+            },
         }
 
     def extra_loss(self, model, batch: dict, ctx: TrainingContext) -> torch.Tensor | None:

@@ -29,6 +29,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from memguard.conditioning import Unconditional
 from memguard.io import DiffusionModel
 from memguard.sampling import denoise, initial_noise
 
@@ -48,8 +49,11 @@ def step_magnitudes(
     guided trajectory, averaged over `seeds` starts (the noises of seeds seed .. seed+seeds-1)."""
     if guidance_scale == 1.0:
         raise ValueError("detection needs guided sampling (guidance_scale != 1)")
-    cond = model.encoder.encode(prompts)
-    uncond = model.encoder.encode([""])[0]
+    if isinstance(model.conditioning, Unconditional):
+        raise ValueError("detection compares a prompt's (or class's) prediction with the "
+                         "unconditional one; an unconditional model has no prompts")  # fmt: skip
+    cond = model.conditioning.model_inputs(prompts)
+    uncond = model.conditioning.null_inputs(1)
     noise = initial_noise(model.sample_shape, seed, seeds)
     jobs = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
     totals = torch.zeros(len(prompts), num_inference_steps, dtype=torch.float64)
@@ -65,7 +69,7 @@ def step_magnitudes(
         denoise(
             model,
             noise[[s for _, s in chunk]],
-            cond[rows],
+            {key: value[rows] for key, value in cond.items()},
             uncond,
             sampler,
             num_inference_steps,

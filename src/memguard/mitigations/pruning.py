@@ -170,6 +170,7 @@ def mitigate(config: MitigateConfig) -> dict:
     if output.resolve() == Path(config.model).resolve():
         raise ConfigError("output_dir: write the pruned model to a new folder, not over --model")
     model = load_model(config.model, config.device)
+    model.require_text("memguard mitigate (pruning what memorized prompts activate)")
     prompts = read_prompt_file(config.prompts, "--prompts")
     layers = select_linear(model.unet, config.layers)
     method, unit = METHODS[config.method]

@@ -20,6 +20,7 @@ MQ_LABELS = {
     "mq_distinct_l2": "MQ variant (plain L2, distinct images; not IET's)",
 }
 MQ_SHOWN = ("0.15", "0.3", "0.5")
+GENERATIONS_OF = {"unconditional": "unconditional generations"}
 
 
 def rate_row(measure: str, rate: dict | None) -> Row:
@@ -30,13 +31,18 @@ def replication_rows(replication: dict) -> list[Row]:
     """Gu et al.'s rates by prompt kind in both conventions, and MQ below a few thresholds."""
     rows: list[Row] = []
     for kind, figures in replication["by_prompt_kind"].items():
-        prefix = f"replication, {kind} prompts"
+        prefix = f"replication, {GENERATIONS_OF.get(kind, f'{kind} prompts')}"
         rows += [
             (f"{prefix}, generations", str(figures["generations"]), None),
             rate_row(f"{prefix}, copies merged", figures["replica_rate"]),
             rate_row(f"{prefix}, every row (Gu et al.'s code)", figures["replica_rate_all_rows"]),
-            rate_row(f"{prefix}, of their own training image", figures["own_replica_rate"]),
         ]
+        if kind != "unconditional":  # where every training image is its own
+            rows.append(
+                rate_row(f"{prefix}, of their own training image", figures["own_replica_rate"])
+            )
+    if "images_hit" in replication:
+        rows.append(("training images replicated", str(replication["images_hit"]["count"]), None))
     for name, label in MQ_LABELS.items():
         below = replication["mq"][name]["fraction_below"]
         rows += [rate_row(f"{label} < {threshold}", below[threshold]) for threshold in MQ_SHOWN]

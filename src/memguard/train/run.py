@@ -1,8 +1,9 @@
 """What a run is built from, and what a step is fed: the parts every training strategy shares.
 
-`build_run` loads a run's data (validated up front), its frozen text encoder with the cached
-caption states, and its model: a from-scratch preset UNet on pixels, or a local Stable
-Diffusion UNet on VAE latents, full or LoRA. `make_step` wraps a model in a `TrainingStep`
+`build_run` loads a run's data (validated up front), its conditioning (`memguard.conditioning`:
+the frozen text encoder with the cached caption states, the class column's labels, or none) and
+its model: a from-scratch preset UNet on pixels (a `UNet2DModel` without text), or a local
+Stable Diffusion UNet on VAE latents, full or LoRA. `make_step` wraps a model in a `TrainingStep`
 (AdamW, the lr schedule, EMA, the defenses, the process group its gradients are averaged in).
 `step_inputs` cuts this process's micro-batches of one optimizer step from a batch iterator and
 the step's draws (`memguard.train.draws`).
@@ -21,6 +22,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from memguard.conditioning import (
+    ClassConditioning,
+    Conditioning,
+    TextConditioning,
+    Unconditional,
+)
 from memguard.config import ConfigError, TrainConfig
 from memguard.data.folder import ImageFolderDataset
 from memguard.data.text import CaptionEmbeddings, CLIPEncoder, MiniLMEncoder, TextEncoder
@@ -28,7 +35,13 @@ from memguard.defenses.base import Defense, TrainingContext
 from memguard.diffusion import to_latents
 from memguard.distributed import Group
 from memguard.io import load_model
-from memguard.models import add_lora, build_unet, load_stable_diffusion, noise_scheduler
+from memguard.models import (
+    add_lora,
+    build_unet,
+    build_unet2d,
+    load_stable_diffusion,
+    noise_scheduler,
+)
 from memguard.train.draws import StepDraws
 from memguard.train.step import TrainingStep
 
@@ -38,12 +51,19 @@ class Run:
     """What a run is built from its config: data, conditioning and the model's parts."""
 
     dataset: ImageFolderDataset
-    encoder: TextEncoder
-    embeddings: CaptionEmbeddings
+    conditioning: Conditioning
     unet: torch.nn.Module
     vae: torch.nn.Module | None
     scheduler: object  # the training noise scheduler
     pipeline: str | None = None  # the Stable Diffusion folder the model comes from, if any
+
+    def __post_init__(self) -> None:
+        self.condition_values = self.conditioning.values(self.dataset)
+
+    @property
+    def encoder(self) -> TextEncoder | None:
+        """The text encoder of a text-conditional run (None without text)."""
+        return getattr(self.conditioning, "encoder", None)
 
 
 def is_pipeline(path: str | Path) -> bool:
@@ -62,6 +82,12 @@ def _model_folder(config: TrainConfig, device: torch.device):
         raise FileNotFoundError(
             str(error).replace("--model", "--pretrained_model_name_or_path")
         ) from None
+    if model.encoder is None:
+        raise ConfigError(
+            f"--pretrained_model_name_or_path {path}: a model with conditioning "
+            f"{model.conditioning.kind}; give the run --conditioning {model.conditioning.kind} "
+            "(which trains from a preset) or fine-tune a text-conditional model"
+        )
     spec = model.encoder.spec()
     wanted = {"name": config.text_encoder}
     if config.text_encoder == "minilm":
@@ -78,13 +104,33 @@ def _model_folder(config: TrainConfig, device: torch.device):
     return model.encoder, unet, DDPMScheduler.from_config(model.scheduler_config), model.vae
 
 
+def _build_untexted(config: TrainConfig, dataset: ImageFolderDataset, device) -> Run:
+    """A class-conditional or unconditional run: a preset `UNet2DModel`, seeded, on pixels."""
+    if config.conditioning == "class":
+        conditioning: Conditioning = ClassConditioning.of_dataset(dataset, config.class_column)
+        num_classes = conditioning.num_classes
+    else:
+        conditioning, num_classes = Unconditional(), None
+    set_seed(config.seed)
+    unet = build_unet2d(config.scratch("model_preset"), config.resolution, num_classes)
+    scheduler = noise_scheduler(
+        config.scratch("num_train_timesteps"), config.scratch("beta_schedule"),
+        config.scratch("prediction_type"),
+    )  # fmt: skip
+    return Run(dataset, conditioning, unet.to(device), None, scheduler)
+
+
 def build_run(config: TrainConfig, device: torch.device) -> Run:
-    """Load the data (validated up front), the text encoder and the model, seeded: a preset
+    """Load the data (validated up front), the conditioning and the model, seeded: a preset
     UNet from scratch, a Stable Diffusion pipeline's UNet (full or LoRA), or a trained UNet
-    folder's (a plain or a mitigated model, fine-tuned)."""
+    folder's (a plain or a mitigated model, fine-tuned). Without text, a preset `UNet2DModel`
+    and a folder that needs no caption column."""
+    captions = config.caption_column if config.conditioning == "text" else None
     dataset = ImageFolderDataset(
-        config.train_data_dir, config.resolution, config.image_column, config.caption_column
+        config.train_data_dir, config.resolution, config.image_column, captions
     )
+    if config.conditioning != "text":
+        return _build_untexted(config, dataset, device)
     source = config.pretrained_model_name_or_path
     pipeline = None
     if source is not None and Path(source).is_dir() and not is_pipeline(source):
@@ -125,7 +171,8 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
             f"text_encoder: '{config.text_encoder}' gives states of width {encoder.hidden_size}, "
             f"the UNet expects {unet.config.cross_attention_dim}"
         )
-    return Run(dataset, encoder, embeddings, unet.to(device), vae, scheduler, pipeline)
+    conditioning = TextConditioning(encoder, embeddings)
+    return Run(dataset, conditioning, unet.to(device), vae, scheduler, pipeline)
 
 
 def make_step(
@@ -176,12 +223,11 @@ def micro_batch(
     config: TrainConfig, run: Run, batch: dict, draws: StepDraws, share: slice, device
 ) -> dict:
     """The step's inputs for this process's micro-batch `batch`, on `device`: clean images (or
-    latents), their slice of the step's noise and timesteps, and the caption states with the
-    step's caption dropout; the clean images (on the CPU) and the step's generator for the
-    defenses that draw more."""
-    rows = run.embeddings.rows(batch["caption"])
-    dropped = torch.full_like(rows, run.embeddings.unconditional_row)
-    rows = torch.where(draws.dropped[share], dropped, rows)  # caption dropout
+    latents), their slice of the step's noise and timesteps, and the conditioning's arguments
+    (caption states, class labels, or none) with the step's caption (label) dropout; the clean
+    images (on the CPU) and the step's generator for the defenses that draw more."""
+    values = [run.condition_values[int(i)] for i in batch["index"]]
+    condition = run.conditioning.training_inputs(values, draws.dropped[share])
     pixels = batch["pixel_values"]
     if config.random_flip:
         pixels = torch.where(draws.flipped[share, None, None, None], pixels.flip(-1), pixels)
@@ -192,7 +238,7 @@ def micro_batch(
         "x0": x0,
         "noise": draws.noise(x0.shape[1:])[share].to(device),
         "timesteps": draws.timesteps[share].to(device),
-        "encoder_hidden_states": run.embeddings.table[rows].to(device),
+        **{key: value.to(device) for key, value in condition.items()},
         "captions": batch["caption"],
         "indices": batch["index"],
         "pixels": pixels,

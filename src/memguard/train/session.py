@@ -183,13 +183,14 @@ class Session:
             metadata = {
                 "memguard_version": __version__,
                 "config": to_dict(cfg),
-                "text_encoder": run.encoder.spec(),
+                "conditioning": run.conditioning.spec(),
+                **({"text_encoder": run.encoder.spec()} if run.encoder is not None else {}),
                 "resolution": cfg.resolution,
                 "data": {
                     "train_data_dir": str(Path(cfg.train_data_dir).resolve()),
                     "sha256": fingerprint(run.dataset.records),
                     "num_images": len(run.dataset),
-                    "num_captions": len(run.embeddings.captions) - 1,
+                    "num_conditions": len(set(run.condition_values)),
                 },
                 "seed": cfg.seed,
                 "global_step": self.done,

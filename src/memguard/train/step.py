@@ -42,7 +42,8 @@ class TrainingStep:
     """One optimizer step on a batch of micro-batches; see the module docstring.
 
     A micro-batch is a dict with "x0" (B, C, H, W) clean model inputs, "noise" like x0,
-    "timesteps" (B,), "encoder_hidden_states" (B, L, d), and whatever the defenses read
+    "timesteps" (B,), the UNet's conditioning arguments ("encoder_hidden_states" (B, L, d),
+    "class_labels" (B,), or none: `memguard.conditioning`), and whatever the defenses read
     ("captions", "indices", "pixels": the clean images before the VAE, "generator": the step's
     generator). The context's group is the group gradients are averaged in.
     """

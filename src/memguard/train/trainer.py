@@ -1,5 +1,5 @@
-"""Training a text-conditional diffusion UNet (DDPM): `Trainer` builds the run and hands it to
-its strategy's loop.
+"""Training a diffusion UNet (DDPM), text-conditional, class-conditional or unconditional
+(`memguard.conditioning`): `Trainer` builds the run and hands it to its strategy's loop.
 
 Plain training (`--strategy plain`, this module) is one `TrainingStep` on every process,
 gradients averaged over all of them: draw the step's randomness (`memguard.train.draws`), cut
@@ -59,7 +59,8 @@ def train_plain(session: Session, run: Run, defenses: Sequence[Defense]) -> Trai
 
 
 class Trainer:
-    """Trains a text-conditional diffusion UNet with a list of defenses attached.
+    """Trains a diffusion UNet (conditioned as `config.conditioning` says) with a list of
+    defenses attached.
 
     >>> Trainer(TrainConfig(train_data_dir="data/train", output_dir="out")).train()
 
