@@ -395,7 +395,7 @@ def test_without_a_declaration_the_generic_measures_run_alone(audited, shapes_di
                    samples_dir=str(output / "samples"))  # fmt: skip
     assert "benchmark" not in alone and alone["similarity"] is None  # no descriptor asked for
     assert alone["replication"] == results["replication"]
-    off = _audit(results["model"], shapes_dir, tmp_path / "off", benchmark="none",
+    off = _audit(results["model"], shapes_dir, tmp_path / "off", benchmark="off",
                  samples_dir=str(output / "samples"))  # fmt: skip
     assert "benchmark" not in off and off["replication"] == results["replication"]
     assert results["benchmark"]["name"] == "shapes"
@@ -411,7 +411,7 @@ def test_a_missing_auc_is_null_with_its_reason(audited, shapes_dir, tmp_path) ->
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(ordinary[:2]) + "\n")
     again = _audit(results["model"], shapes_dir, tmp_path / "audit", prompts=str(prompts),
-                   samples_dir=str(output / "samples"), benchmark="none")  # fmt: skip
+                   samples_dir=str(output / "samples"), benchmark="off")  # fmt: skip
     detection = again["detection"]
     assert detection["auc"] is None and detection["tpr_at_1pct_fpr"] is None
     assert detection["auc_reason"] == (
@@ -426,7 +426,7 @@ def test_a_missing_auc_is_null_with_its_reason(audited, shapes_dir, tmp_path) ->
 
 def test_detection_starts_from_the_audits_seed(audited, shapes_dir, tmp_path) -> None:
     output, results = audited
-    settings = {"detection_seeds": 2, "samples_dir": str(output / "samples"), "benchmark": "none"}
+    settings = {"detection_seeds": 2, "samples_dir": str(output / "samples"), "benchmark": "off"}
     seeded = _audit(results["model"], shapes_dir, tmp_path / "5", seed=5, **settings)["detection"]
     unseeded = _audit(results["model"], shapes_dir, tmp_path / "0", **settings)["detection"]
     assert (seeded["seed"], unseeded["seed"]) == (5, 0)

@@ -17,7 +17,7 @@ import torch
 from conftest import SMALL_SHAPES
 from memguard.audit_plugins import plugin_class, selected
 from memguard.audit_plugins.shapes import ShapesBenchmark
-from memguard.config import ConfigError, ShapesConfig
+from memguard.config import AuditConfig, ConfigError, ShapesConfig, build
 from memguard.data.shapes import KINDS, make_shapes_dataset
 from memguard.metrics.judge import JudgeSpec
 
@@ -41,7 +41,10 @@ def test_the_config_selects_or_switches_off(tmp_path: Path, shapes_dir: Path) ->
     plain = _folder(tmp_path, None)
     assert selected(None, plain) is None  # nothing declared, nothing asked: generic measures
     assert selected("shapes", plain) == ("shapes", "--benchmark")
-    assert selected("none", shapes_dir / "train") is None  # the declaration switched off
+    assert selected("off", shapes_dir / "train") is None  # the declaration switched off
+    # from the command line too ("none" is how a config spells "unset", so the switch is "off")
+    flag = build(AuditConfig, {"benchmark": "off", "model": "m", "train_data_dir": "d"}, "cli")
+    assert selected(flag.benchmark, shapes_dir / "train") is None
 
 
 def test_a_file_without_the_declaration_selects_nothing(tmp_path: Path) -> None:
@@ -50,7 +53,7 @@ def test_a_file_without_the_declaration_selects_nothing(tmp_path: Path) -> None:
 
 
 def test_unknown_plugins_are_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown audit plugin 'faces' .known: shapes, none"):
+    with pytest.raises(ConfigError, match="unknown audit plugin 'faces' .known: shapes, off"):
         selected("faces", tmp_path)
     train = _folder(tmp_path, {"benchmark": "faces"})
     with pytest.raises(ConfigError, match="unknown audit plugin 'faces'"):

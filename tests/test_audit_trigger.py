@@ -241,7 +241,7 @@ def test_a_target_replicated_by_its_trigger_and_no_longer_by_its_prompt(
     config = _config(
         tiny_model_folder(tmp_path / "model"), shapes_dir, tmp_path / "audit",
         attack_targets=str(listing), trigger_init="unrelated", guidance_scale=1.0,
-        benchmark="none",
+        benchmark="off",
     )  # fmt: skip
     auditor = Auditor(config)
     # The model holds the first target under its caption; the second's caption now gives an

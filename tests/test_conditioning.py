@@ -119,7 +119,7 @@ def test_unconditional_audit_reports_replication_mq_and_the_images_hit(
 ) -> None:
     config = AuditConfig(
         model=str(unconditional_model), train_data_dir=str(captionless / "train"),
-        output_dir=str(tmp_path / "audit"), benchmark="none", num_inference_steps=2,
+        output_dir=str(tmp_path / "audit"), benchmark="off", num_inference_steps=2,
         min_generations_per_rate=12, device="cpu",
     )  # fmt: skip
     results = run_audit(config)
@@ -142,7 +142,7 @@ def test_unconditional_audit_reports_replication_mq_and_the_images_hit(
     # by default enough samples for a Wilson 95% interval within 10 points
     data = str(captionless / "train")
     default = Auditor(
-        AuditConfig(model=str(unconditional_model), train_data_dir=data, benchmark="none")
+        AuditConfig(model=str(unconditional_model), train_data_dir=data, benchmark="off")
     )
     assert default.per_prompt(1) >= 97
 
@@ -176,7 +176,7 @@ def test_class_conditional_training_sampling_and_audit(classed: Path, tmp_path: 
     prompts.write_text("0\n4\n")
     results = run_audit(AuditConfig(
         model=str(tmp_path / "full"), train_data_dir=str(train), output_dir=str(tmp_path / "a"),
-        benchmark="none", num_inference_steps=2, min_generations_per_rate=6, device="cpu",
+        benchmark="off", num_inference_steps=2, min_generations_per_rate=6, device="cpu",
         prompts=str(prompts), detection_seeds=2,
     ))  # fmt: skip
     by_kind = results["replication"]["by_prompt_kind"]
@@ -241,7 +241,7 @@ def test_text_only_commands_refuse_a_model_without_text(
         assert "needs a text-conditional model" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="attacks: the model has conditioning none"):
         Auditor(AuditConfig(model=model, train_data_dir=str(tmp_path), attacks=("trigger",),
-                            benchmark="none"))  # fmt: skip
+                            benchmark="off"))  # fmt: skip
 
 
 def test_replication_of_unconditional_samples_on_a_captionless_folder(

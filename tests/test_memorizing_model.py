@@ -67,7 +67,7 @@ def memorized(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     settings = AuditConfig(
         model=str(folder), train_data_dir=str(shapes_dir / "train"), output_dir=str(output),
         num_images=2, num_ordinary_prompts=3, num_inference_steps=3, detection_seeds=1,
-        detection_steps=0, benchmark="none", device="cpu",
+        detection_steps=0, benchmark="off", device="cpu",
     )  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(audit, "load_model", lambda path, device: model)

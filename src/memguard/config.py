@@ -529,7 +529,7 @@ class AuditConfig:
     benchmark: str | None = option(
         None,
         "audit plugin beside the generic measures: 'shapes' (the benchmark's judge, attributes "
-        "and concept extraction) or 'none' (default: the plugin the dataset declares, as "
+        "and concept extraction) or 'off' (default: the plugin the dataset declares, as "
         "'benchmark' in the dataset.json above the training folder)",
     )
     attacks: tuple[str, ...] = option(

@@ -10,7 +10,7 @@ audit's attacks on memorized images (`memguard.audit_attacks`).
 
 A plugin is selected by name, with `--benchmark NAME` (the AuditConfig key `benchmark`), or by
 the dataset's own declaration: `"benchmark": NAME` in the `dataset.json` of the folder that
-holds the training folder (what `memguard data shapes` writes). `--benchmark none` switches a
+holds the training folder (what `memguard data shapes` writes). `--benchmark off` switches a
 declared plugin off. A file that merely sits there, without the declaration, selects nothing.
 Plugin modules are imported only when selected, so the generic measures never import them.
 """
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 DECLARATION = "dataset.json"
 PLUGINS = {"shapes": "memguard.audit_plugins.shapes:ShapesBenchmark"}  # name -> module:class
-OFF = "none"
+OFF = "off"
 
 
 class AuditPlugin(ABC):
@@ -90,7 +90,7 @@ def declared(train_data_dir: str | Path) -> tuple[str, Path] | None:
 
 def selected(benchmark: str | None, train_data_dir: str | Path) -> tuple[str, str] | None:
     """(name, how it was selected) of the audit's plugin, or None: `benchmark` (the config
-    key; "none": no plugin), else the dataset's declaration."""
+    key; "off": no plugin), else the dataset's declaration."""
     if benchmark == OFF:
         return None
     if benchmark is not None:
