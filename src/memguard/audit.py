@@ -11,7 +11,11 @@ UNet folder, a Stable Diffusion pipeline folder) and the image folder it was tra
 - prompt-level detection (Wen et al., ICLR 2024): d(p) per prompt, AUC and TPR at 1% FPR of
   duplicated against ordinary prompts; without both kinds among the prompts the AUC is null,
   with the reason, and a warning;
-- FID/KID with an Inception network from a local TorchScript file;
+- FID/KID (`--quality_features`) with an Inception network from a local TorchScript file, the
+  plugin's features, or, with neither, a network trained on the training folder itself (SimCLR,
+  Chen et al. 2020; `memguard.metrics.trained_features`), cached by the data's hash and checked
+  on held-out images against degraded ones, so that real data has a quality figure too; which
+  extractor served is recorded (`quality_features`);
 - the measures of an audit plugin, when one is selected (`memguard.audit_plugins`): on the
   shapes benchmark, the judge's held-out accuracy, FID/KID against the held-out split,
   attribute accuracy, and concept extraction;
@@ -72,6 +76,7 @@ from memguard.metrics.intervals import generations_per_prompt, rate_of
 from memguard.metrics.neighbors import ImageRows, distinct_rows
 from memguard.metrics.replication import MQ_K, Replication, fractions_below, replication_metrics
 from memguard.metrics.similarity import Descriptor, FeatureSimilarity, similarity_summary
+from memguard.metrics.trained_features import heldout_split, load_trained_features
 from memguard.report.html import render_report
 from memguard.sampling import generate, save_samples
 
@@ -327,6 +332,11 @@ class Auditor:
             )
             if config.attacks:
                 raise ConfigError(f"attacks: {self.no_prompts}")
+        if config.quality_features == "plugin" and self.plugin is None:
+            raise ConfigError(
+                "quality_features: 'plugin' needs an audit plugin (--benchmark NAME, or the "
+                "dataset's declaration); none is selected"
+            )
         self.warnings: list[str] = []
         self.attacks = {name: ATTACK_RUNNERS[name](config, self.model.image_size)
                         for name in config.attacks}  # fmt: skip
@@ -458,6 +468,40 @@ class Auditor:
         return {"feature_extractor": "inception", "reference": source,
                 **fid_kid(reference, generated, extractor)}  # fmt: skip
 
+    def quality_features(self) -> str:
+        """The features of the audit's FID/KID: --quality_features, 'auto' resolved to inception
+        when given, else the plugin's when one runs, else the trained extractor."""
+        c = self.config
+        if c.quality_features != "auto":
+            return c.quality_features
+        if c.inception is not None:
+            return "inception"
+        return "plugin" if self.plugin is not None else "trained"
+
+    def trained_quality(self, generated: torch.Tensor, train: ImageFolderDataset) -> dict:
+        """FID/KID on features trained on the training folder (`memguard.metrics.
+        trained_features`), against --test_data_dir (the extractor trained on the whole training
+        folder) or, without one, a seeded split of the training folder held out from the
+        extractor's training (not from the diffusion model's); the extractor's held-out check
+        beside them, and a warning when it fails."""
+        c = self.config
+        if c.test_data_dir is not None:
+            indices = list(range(len(train)))
+            test = ImageFolderDataset(c.test_data_dir, self.model.image_size, caption_column=None)
+            heldout, source = unit_float(test.stacked()), str(Path(c.test_data_dir).resolve())
+        else:
+            indices, held = heldout_split(len(train), c.quality_holdout_fraction, seed=0)
+            heldout = unit_float(train.stacked(held))
+            source = (
+                f"{len(held)} training images held out from the extractor (a seeded "
+                f"{c.quality_holdout_fraction:.0%} split; the diffusion model trained on them)"
+            )
+        features = load_trained_features(train, indices, heldout, steps=c.quality_steps)
+        self.warnings += features.warnings()
+        figures = features.fid_kid(heldout, generated)
+        return {"feature_extractor": "trained", "reference": source, **figures,
+                "extractor": features.summary()}  # fmt: skip
+
     def run(self) -> dict:
         start = time.perf_counter()
         c = self.config
@@ -509,8 +553,11 @@ class Auditor:
             "detection": self.detection(list(dict.fromkeys(prompts)), kinds),
             "conditioning": self.model.conditioning.spec(),
         }
-        if c.inception is not None:
+        results["quality_features"] = self.quality_features()
+        if results["quality_features"] == "inception":
             results["inception_quality"] = self.inception_quality(generated, train)
+        elif results["quality_features"] == "trained":
+            results["trained_quality"] = self.trained_quality(generated, train)
         if self.plugin is not None:
             results["benchmark"] = {
                 "name": self.plugin.name,

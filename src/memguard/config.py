@@ -158,6 +158,7 @@ def _require(condition: bool, message: str) -> None:
 
 TRIGGER_INITS = ("prompt", "gaussian", "unrelated")  # where DoRI's conditioning starts
 AUDIT_ATTACKS = ("trigger",)  # what `memguard audit --attacks` runs after the audit
+QUALITY_FEATURES = ("auto", "inception", "plugin", "trained", "none")  # FID/KID features
 
 IET_ONLY = ("num_proxies", "rounds", "shard_by", "redistribute")  # settings of --strategy iet
 
@@ -521,7 +522,23 @@ class AuditConfig:
     )
     inception_size: int = option(299, "side the images are resized to for --inception")
     test_data_dir: str | None = option(
-        None, "benchmark: held-out folder for FID/KID (default: the benchmark's test/ split)"
+        None,
+        "held-out real images for FID/KID (default: the benchmark's test/ split; for the trained "
+        "extractor, a seeded quality_holdout_fraction of the training folder)",
+    )
+    quality_features: str = option(
+        "auto",
+        "features of the audit's FID/KID: 'inception' (--inception), 'plugin' (the benchmark's "
+        "judge), 'trained' (a SimCLR network trained on the training folder, cached by its data "
+        "hash, with its own held-out check), 'none'; 'auto': inception when given, else the "
+        "plugin's when one runs, else trained",
+        choices=QUALITY_FEATURES,
+    )
+    quality_steps: int = option(300, "trained feature extractor: SimCLR training steps")
+    quality_holdout_fraction: float = option(
+        0.2,
+        "trained feature extractor without --test_data_dir: the share of the training folder "
+        "(a seeded random split) held out from its training, its check's and FID's reference",
     )
     inversion_steps: int = option(
         300, "concept extraction: textual-inversion steps of the learned-embedding attack (0: off)"
@@ -574,6 +591,14 @@ class AuditConfig:
         _require(self.detection_steps >= 0, "detection_steps: must be >= 0")
         _require(self.inversion_steps >= 0, "inversion_steps: must be >= 0")
         _require(self.chunk_size > 0, "chunk_size: must be positive")
+        _require(
+            self.quality_features != "inception" or self.inception is not None,
+            "quality_features: 'inception' needs --inception FILE",
+        )
+        _require(self.quality_steps > 0, "quality_steps: must be positive")
+        _require(
+            0 < self.quality_holdout_fraction < 1, "quality_holdout_fraction: must be in (0, 1)"
+        )
         for attack in self.attacks:
             _require(
                 attack in AUDIT_ATTACKS,

@@ -14,14 +14,12 @@ multi-shape scenes like the planted duplicates (concept label only), and trainin
 noise so that slightly noisy generations are judged like clean renders. Held-out accuracy of
 every head is measured on a separate generated set, and the concept head's also on faded
 (opacity below 50%) and partial instances alone. The trained judge is cached under the memguard
-cache, named by a hash of its spec.
+cache, named by a hash of its spec (`memguard.metrics.cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +37,7 @@ from memguard.data.shapes import (
     half_plane,
     ordinary_row,
 )
-from memguard.data.text import default_cache_dir
-from memguard.io import atomic_path
+from memguard.metrics.cache import load_or_train, spec_key
 
 HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": tuple(BACKGROUNDS)}
 ACCURACY_WARNING = 0.95
@@ -72,7 +69,7 @@ class JudgeSpec:
             )
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+        return spec_key(self)
 
 
 class JudgeNet(nn.Module):
@@ -252,17 +249,16 @@ class Judge:
 
 
 def load_judge(spec: JudgeSpec | None = None, cache_dir: str | Path | None = None) -> Judge:
-    """The judge for `spec`: from the cache when trained before, else trained and cached."""
+    """The judge for `spec`: from the cache when trained before, else trained and cached
+    (`memguard.metrics.cache`)."""
     spec = spec or JudgeSpec()
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / "judges" / f"{spec.key()}.pt"
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        net = JudgeNet(spec.width)
-        net.load_state_dict(saved["state_dict"])
-        net.eval().requires_grad_(False)
-        return Judge(net, saved["heldout_accuracy"], spec)
-    net, heldout = train_judge(spec)
-    with atomic_path(path) as partial:
-        torch.save({"state_dict": net.state_dict(), "heldout_accuracy": heldout}, partial)
-    return Judge(net, heldout, spec)
+
+    def train() -> dict:
+        net, heldout = train_judge(spec)
+        return {"state_dict": net.state_dict(), "heldout_accuracy": heldout}
+
+    saved, _ = load_or_train("judges", spec, train, cache_dir)
+    net = JudgeNet(spec.width)
+    net.load_state_dict(saved["state_dict"])
+    net.eval().requires_grad_(False)
+    return Judge(net, saved["heldout_accuracy"], spec)

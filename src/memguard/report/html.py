@@ -1,12 +1,13 @@
 """An offline HTML page from an audit's `results.json` alone, and a side-by-side comparison.
 
-The page holds a summary table (the rows of `memguard.report.summary`), a gallery of the most
-replicated generations beside their nearest training images (read from the folders that
-results.json names), with `--attacks trigger` a strip per memorized target (the target, its
-prompt's generation, its DoRI trigger's generation; Kowalczuk et al., arXiv 2507.16880),
-histograms of the Gu ratio, the MQ curves (IET's and memguard's variant) and
-concept-extraction bars; every rate with its 95% interval. Plots are matplotlib PNGs and
-images are inlined as base64, so the file opens anywhere with no network.
+The page opens with each prompt kind's replication rate beside the model's FID/KID (and the
+features they were measured with), then a summary table (the rows of `memguard.report.summary`),
+a gallery of the most replicated generations beside their nearest training images (read from the
+folders that results.json names), with `--attacks trigger` a strip per memorized target (the
+target, its prompt's generation, its DoRI trigger's generation; Kowalczuk et al., arXiv
+2507.16880), histograms of the Gu ratio, the MQ curves (IET's and memguard's variant) and
+concept-extraction bars; every rate with its 95% interval. Plots are matplotlib PNGs and images
+are inlined as base64, so the file opens anywhere with no network.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from memguard.metrics.intervals import format_rate  # noqa: E402
-from memguard.report.summary import summary_rows  # noqa: E402
+from memguard.report.summary import headline_rows, summary_rows  # noqa: E402
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -38,6 +39,16 @@ th { text-align: left; background: #f4f4f4; } .warn { color: #b00; font-weight: 
 .strip .none { display: inline-block; width: 96px; height: 96px; vertical-align: top; }
 .strip figcaption { font-size: 0.8em; max-width: 300px; }
 """
+
+
+HEADLINE = [
+    "generations",
+    "count",
+    "replicas, copies merged (Gu et al.) [95% interval]",
+    "FID",
+    "KID",
+    "quality features",
+]
 
 
 def _png(figure) -> str:
@@ -179,6 +190,7 @@ def render_report(results: dict, output: str | Path) -> Path:
 training data: <code>{html.escape(results["train_data"]["path"])}</code>
 ({results["train_data"]["num_images"]} images, sha256 {results["train_data"]["sha256"][:12]})</p>
 {warnings}
+<h2>Memorization beside quality</h2>{_table(HEADLINE, headline_rows(results))}
 <h2>Summary</h2>{_table(["measure", "value [95% interval]"], summary)}
 <h2>Most replicated generations (left) and their nearest training images (right)</h2>
 {_gallery(results)}

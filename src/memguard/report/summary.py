@@ -4,9 +4,10 @@ report.html's table and `memguard compare`. A figure added to results.json is ad
 
 Every rate is written with its 95% Wilson interval (`memguard.metrics.intervals`); the sections
 are replication (Gu et al. 2023) and MQ (IET-AGC, Liu et al., ECCV 2024), detection (Wen et al.,
-ICLR 2024), feature similarity (Somepalli et al. 2023), Inception FID/KID, the section of the
-audit plugin that ran, formatted by that plugin, and the attacks on memorized images (DoRI's
-embedding trigger, Kowalczuk et al., arXiv 2507.16880).
+ICLR 2024), feature similarity (Somepalli et al. 2023), FID/KID on Inception features or on
+features trained on the training folder (`memguard.metrics.trained_features`, beside the
+replication rows), the section of the audit plugin that ran, formatted by that plugin, and the
+attacks on memorized images (DoRI's embedding trigger, Kowalczuk et al., arXiv 2507.16880).
 """
 
 from __future__ import annotations
@@ -69,12 +70,60 @@ def similarity_rows(similarity: dict) -> list[Row]:
     ]
 
 
-def inception_rows(quality: dict) -> list[Row]:
+FEATURES_OF = {  # results.json's quality section -> the features' name in the rows
+    "inception_quality": "Inception features",
+    "trained_quality": "features trained on the training folder",
+}
+
+
+def quality_rows(results: dict) -> list[Row]:
+    """FID/KID of the generations with the features the audit used (Inception, or trained on
+    the training folder, with its held-out check); the benchmark plugin's own rows carry its
+    judge's. Printed right after the replication rows: quality beside memorization."""
+    rows: list[Row] = []
+    for key, features in FEATURES_OF.items():
+        quality = results.get(key)
+        if not quality:
+            continue
+        rows += [
+            (f"FID ({features})", f"{quality['fid']:.3f}", None),
+            (f"KID ({features})", f"{quality['kid_mean']:.4f}", None),
+            (f"FID/KID ({features}) reference", quality["reference"], None),
+        ]
+        check = (quality.get("extractor") or {}).get("heldout_check")
+        if check is not None:
+            verdict = "passed" if check["passed"] else "FAILED: cannot tell a broken model"
+            degraded = ", ".join(f"{k} {v:.3f}" for k, v in check["fid_degraded"].items())
+            rows.append((
+                f"held-out check of the {features}: degraded / real FID (>= "
+                f"{check['required_ratio']} passes)",
+                f"{check['sanity_ratio']:.2f} ({verdict}; real halves "
+                f"{check['fid_real_halves']:.3f}, degraded {degraded})",
+                None,
+            ))  # fmt: skip
+    if not rows and results.get("quality_features") == "none":
+        rows.append(("FID/KID", "not measured (--quality_features none)", None))
+    return rows
+
+
+def headline_rows(results: dict) -> list[list[str]]:
+    """[prompt kind, generations, replicas (copies merged), FID, KID, the features]: each
+    memorization figure beside the model's quality, the head of the report. The quality is the
+    audit's FID/KID (Inception or trained features), else the benchmark judge's."""
+    quality, features = None, "not measured"
+    for key, name in FEATURES_OF.items():
+        if results.get(key):
+            quality, features = results[key], name
+            break
+    if quality is None and (results.get("benchmark") or {}).get("quality"):
+        quality, features = results["benchmark"]["quality"], "the benchmark judge's features"
+    fid = f"{quality['fid']:.3f}" if quality else "n/a"
+    kid = f"{quality['kid_mean']:.4f}" if quality else "n/a"
     return [
-        ("FID (Inception features)", f"{quality['fid']:.3f}", None),
-        ("KID (Inception features)", f"{quality['kid_mean']:.4f}", None),
-        ("FID/KID (Inception features) reference", quality["reference"], None),
-    ]
+        [GENERATIONS_OF.get(kind, f"{kind} prompts"), str(figures["generations"]),
+         format_rate(figures["replica_rate"]), fid, kid, features]
+        for kind, figures in results["replication"]["by_prompt_kind"].items()
+    ]  # fmt: skip
 
 
 def benchmark_rows(section: dict) -> list[Row]:
@@ -101,11 +150,10 @@ def trigger_rows(section: dict) -> list[Row]:
 def summary_rows(results: dict) -> list[Row]:
     """Every figure of an audit's results, in the order the summary prints them."""
     rows = replication_rows(results["replication"])
+    rows += quality_rows(results)
     rows += detection_rows(results["detection"])
     if results.get("similarity"):
         rows += similarity_rows(results["similarity"])
-    if "inception_quality" in results:
-        rows += inception_rows(results["inception_quality"])
     if results.get("benchmark"):
         rows += benchmark_rows(results["benchmark"])
     if (results.get("attacks") or {}).get("trigger"):
