@@ -93,12 +93,12 @@ def quality_rows(results: dict) -> list[Row]:
         check = (quality.get("extractor") or {}).get("heldout_check")
         if check is not None:
             verdict = "passed" if check["passed"] else "FAILED: cannot tell a broken model"
-            degraded = ", ".join(f"{k} {v:.3f}" for k, v in check["fid_degraded"].items())
+            apart = ", ".join(f"{k} {v:.1f}" for k, v in check["separation"].items())
             rows.append((
-                f"held-out check of the {features}: degraded / real FID (>= "
-                f"{check['required_ratio']} passes)",
-                f"{check['sanity_ratio']:.2f} ({verdict}; real halves "
-                f"{check['fid_real_halves']:.3f}, degraded {degraded})",
+                f"held-out check of the {features}: degraded images' KID above real ones', in "
+                f"standard deviations (>= {check['required_separation']} passes)",
+                f"{verdict}: {apart} (FID real halves {check['fid_real_halves']:.3f}, "
+                f"degraded / real {check['fid_ratio']:.2f})",
                 None,
             ))  # fmt: skip
     if not rows and results.get("quality_features") == "none":
