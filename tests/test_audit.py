@@ -394,6 +394,8 @@ def test_without_a_declaration_the_generic_measures_run_alone(audited, shapes_di
     alone = _audit(results["model"], tmp_path / "data", tmp_path / "alone",
                    samples_dir=str(output / "samples"))  # fmt: skip
     assert "benchmark" not in alone and alone["similarity"] is None  # no descriptor asked for
+    assert alone["quality_features"] == "trained"  # no plugin, no --inception: trained features
+    assert alone["trained_quality"]["extractor"]["heldout_check"]["images_per_half"] > 0
     assert alone["replication"] == results["replication"]
     off = _audit(results["model"], shapes_dir, tmp_path / "off", benchmark="off",
                  samples_dir=str(output / "samples"))  # fmt: skip
@@ -411,7 +413,8 @@ def test_a_missing_auc_is_null_with_its_reason(audited, shapes_dir, tmp_path) ->
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(ordinary[:2]) + "\n")
     again = _audit(results["model"], shapes_dir, tmp_path / "audit", prompts=str(prompts),
-                   samples_dir=str(output / "samples"), benchmark="off")  # fmt: skip
+                   samples_dir=str(output / "samples"), benchmark="off",
+                   quality_features="none")  # fmt: skip
     detection = again["detection"]
     assert detection["auc"] is None and detection["tpr_at_1pct_fpr"] is None
     assert detection["auc_reason"] == (
@@ -426,7 +429,8 @@ def test_a_missing_auc_is_null_with_its_reason(audited, shapes_dir, tmp_path) ->
 
 def test_detection_starts_from_the_audits_seed(audited, shapes_dir, tmp_path) -> None:
     output, results = audited
-    settings = {"detection_seeds": 2, "samples_dir": str(output / "samples"), "benchmark": "off"}
+    settings = {"detection_seeds": 2, "samples_dir": str(output / "samples"), "benchmark": "off",
+                "quality_features": "none"}  # fmt: skip
     seeded = _audit(results["model"], shapes_dir, tmp_path / "5", seed=5, **settings)["detection"]
     unseeded = _audit(results["model"], shapes_dir, tmp_path / "0", **settings)["detection"]
     assert (seeded["seed"], unseeded["seed"]) == (5, 0)
