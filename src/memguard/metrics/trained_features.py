@@ -38,6 +38,8 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -291,7 +293,7 @@ class TrainedFeatures:
         """What results.json records of the extractor."""
         return {
             "method": "SimCLR (Chen et al., ICML 2020) on the training folder, features before "
-            "the projection head",
+            "the projection head (every stage's spatial means and standard deviations)",
             "spec": asdict(self.spec),
             "num_features": self.encoder.num_features,
             "training_seconds": self.training_seconds,
@@ -300,6 +302,7 @@ class TrainedFeatures:
         }
 
     def warnings(self) -> list[str]:
+        """The audit's warning when the held-out check failed (none when it passed)."""
         if self.check["passed"]:
             return []
         weakest = min(self.check["separation"], key=self.check["separation"].get)
@@ -311,6 +314,8 @@ class TrainedFeatures:
         ]
 
     def fid_kid(self, real: Images, generated: Images) -> dict[str, float]:
+        """FID and KID of `generated` against `real` on these features
+        (`memguard.metrics.quality.fid_kid`)."""
         return fid_kid(real, generated, self.encoder)
 
 
@@ -319,13 +324,17 @@ def load_trained_features(
     indices: Sequence[int],
     heldout: torch.Tensor,
     spec: ExtractorSpec | None = None,
-    cache_dir: str | None = None,
-    **settings,
+    cache_dir: str | Path | None = None,
+    **settings: Any,
 ) -> TrainedFeatures:
     """The extractor trained on the folder's images at `indices` (spec: default settings, the
     `settings` given, those images' fingerprint and the folder's resolution): from the cache
     when trained before, else trained, checked on `heldout` ((N, 3, H, W) in [0, 1]) and
     cached."""
+    if spec is not None and settings:
+        raise TypeError(
+            f"load_trained_features: a spec, or settings ({', '.join(settings)}), not both"
+        )
     if spec is None:
         sha = fingerprint([images.records[i] for i in indices])
         spec = ExtractorSpec(data_sha256=sha, image_size=images.resolution, **settings)
