@@ -4,6 +4,7 @@ from memguard.defenses.agc import AGCConfig, AGCDecision, AntiGradientControl
 from memguard.defenses.base import Defense, TrainingContext, combined_weights, weighted_mean
 from memguard.defenses.projection_feature import FeatureProjection, FeatureProjectionConfig
 from memguard.defenses.projection_image import ImageProjection, ImageProjectionConfig
+from memguard.defenses.projection_patch import PatchProjection, PatchProjectionConfig
 from memguard.defenses.projection_text import TextProjection, TextProjectionConfig
 from memguard.defenses.registry import KINDS, build_defenses, rebuild, record
 from memguard.defenses.taa import TAAConfig, ThresholdAwareAugmentation
@@ -18,6 +19,8 @@ __all__ = [
     "ImageProjection",
     "ImageProjectionConfig",
     "KINDS",
+    "PatchProjection",
+    "PatchProjectionConfig",
     "TAAConfig",
     "TextProjection",
     "TextProjectionConfig",

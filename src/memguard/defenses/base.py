@@ -5,6 +5,8 @@ pattern); memguard's `TrainingStep` calls them, and a user can call them by hand
 their own. Every hook of the base class is a no-op, so a defense overrides only what it needs:
 
     setup(model, optimizer, ctx)             once, before the first step (subspaces, banks, ...)
+    before_forward(batch, ctx)               before each micro-batch's forward pass (what a
+                                             per-image projection reads of the clean inputs)
     sample_weights(per_sample_loss, batch, ctx) -> (B,) weights or None
                                              mask / reweight samples (AGC, Wen et al. threshold);
                                              backward always runs, so ranks stay in step;
@@ -89,6 +91,9 @@ class Defense:
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: TrainingContext):
         """Called once before the first step, with the unwrapped model and the optimizer."""
+
+    def before_forward(self, batch: dict, ctx: TrainingContext) -> None:
+        """Called with each micro-batch before the model's forward pass on it."""
 
     def sample_weights(
         self, per_sample_loss: torch.Tensor, batch: dict, ctx: TrainingContext

@@ -36,10 +36,15 @@ class MeasuredImages:
 
 
 def exemplar_images(
-    source: ExemplarSource, concepts: tuple[str, ...], ctx: TrainingContext, with_anchors: bool
+    source: ExemplarSource,
+    concepts: tuple[str, ...],
+    ctx: TrainingContext,
+    with_anchors: bool,
+    anchors_per_exemplar: int = 1,
 ) -> tuple[MeasuredImages, MeasuredImages | None]:
-    """The concept exemplars and, `with_anchors`, as many training images whose captions name
-    none of the `concepts` (a seeded choice), encoded with the run's text encoder and VAE."""
+    """The concept exemplars and, `with_anchors`, `anchors_per_exemplar` times as many
+    training images whose captions name none of the `concepts` (a seeded choice, as many as
+    there are when fewer), encoded with the run's text encoder and VAE."""
     if ctx.text_encoder is None:
         raise ValueError("measuring exemplars needs the run's text encoder in the context")
 
@@ -56,4 +61,5 @@ def exemplar_images(
     train = ImageFolderDataset(source.anchors, source.resolution)
     plain = [i for i, c in enumerate(train.captions) if not any(k in c for k in concepts)]
     order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(source.seed))
-    return concept, measured(train, [plain[i] for i in order[: len(folder)].tolist()])
+    chosen = order[: anchors_per_exemplar * len(folder)].tolist()
+    return concept, measured(train, [plain[i] for i in chosen])

@@ -25,6 +25,7 @@ from memguard.defenses.agc import AntiGradientControl
 from memguard.defenses.base import Defense
 from memguard.defenses.projection_feature import FeatureProjection
 from memguard.defenses.projection_image import ImageProjection
+from memguard.defenses.projection_patch import PatchProjection
 from memguard.defenses.projection_text import TextProjection
 from memguard.defenses.taa import ThresholdAwareAugmentation
 
@@ -55,10 +56,17 @@ KINDS: dict[str, DefenseKind] = {
         DefenseKind("agc", {"": AntiGradientControl}),
         DefenseKind(
             "projection",
-            {"text": TextProjection, "feature": FeatureProjection, "image": ImageProjection},
+            {
+                "text": TextProjection,
+                "feature": FeatureProjection,
+                "image": ImageProjection,
+                "patch": PatchProjection,
+            },
             mode_flag="projection_mode",
             mode_help="projection: guard cross-attention keys/values (text), image-feature "
-            "layers (feature) or the prediction's gradient in image space (image)",
+            "layers (feature), the prediction's gradient at the concept's one footprint (image: "
+            "a concept with a fixed place only) or at each image's own footprint found by a patch "
+            "detector (patch)",
         ),
         DefenseKind("taa", {"": ThresholdAwareAugmentation}, attached_by="augment"),
         DefenseKind("adversarial", {"": AdversarialFineTuning}),

@@ -3,13 +3,13 @@ unit that every training strategy drives.
 
 `TrainingStep` owns a model, its optimizer, learning-rate schedule, EMA weights and defenses,
 and the process group its gradients are averaged in. Called with the micro-batches of one
-optimizer step, it runs, for each: the per-sample loss (with min-SNR weights when asked) -> the
-defenses' sample weights -> the group's weighted mean -> the defenses' extra losses -> backward;
-then the gradient average over the group -> `after_backward` hooks -> clipping -> the optimizer
-step -> `after_step` hooks -> the lr schedule and EMA. Plain training is a loop over one step
-object on every process (`memguard.train.trainer`); IET's proxies are several step objects with
-a group of one process each, averaged in rounds; adversarial fine-tuning drives one step with
-an inner loop feeding `extra_loss`.
+optimizer step, it runs, for each: the defenses' `before_forward` -> the per-sample loss (with
+min-SNR weights when asked) -> the defenses' sample weights -> the group's weighted mean -> the
+defenses' extra losses -> backward; then the gradient average over the group -> `after_backward`
+hooks -> clipping -> the optimizer step -> `after_step` hooks -> the lr schedule and EMA. Plain
+training is a loop over one step object on every process (`memguard.train.trainer`); IET's
+proxies are several step objects with a group of one process each, averaged in rounds;
+adversarial fine-tuning drives one step with an inner loop feeding `extra_loss`.
 
 Mixed precision is autocast on the forward pass (the weights, their gradients and the optimizer
 stay in float32), with a gradient scaler for fp16.
@@ -80,6 +80,8 @@ class TrainingStep:
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
+            for defense in self.defenses:
+                defense.before_forward(batch, self.ctx)
             losses = sample_losses(self.model, batch, self.ctx)
             weights = combined_weights(self.defenses, losses, batch, self.ctx)
             loss = weighted_mean(losses, weights, self.ctx)
