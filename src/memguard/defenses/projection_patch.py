@@ -37,6 +37,10 @@ from memguard.defenses.projection_feature import exemplars_option
 from memguard.defenses.projection_text import check_concepts, concept_option, max_removed_option
 from memguard.defenses.signal import RemovedSignal, check_limit
 
+# Images without the concept the detector learns from and is calibrated on, per exemplar: its
+# negatives are every position of them, and its threshold is a quantile over them.
+ANCHORS_PER_EXEMPLAR = 4
+
 
 @dataclass(frozen=True)
 class PatchProjectionConfig:
