@@ -40,7 +40,8 @@ from memguard.defenses.subspace import Guarded, SubspaceGuard, columns_of, rows_
 
 def exemplars_option() -> str | None:
     return option(
-        None, "projection, feature/image mode: image folder (metadata.jsonl) showing the concept",
+        None,
+        "projection, feature/image/patch mode: image folder (metadata.jsonl) showing the concept",
         flag="concept_exemplars",
     )  # fmt: skip
 
