@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +96,33 @@ def test_second_run_reuses_everything_and_a_changed_arm_is_retrained(
     (run,) = _bench(changed, output, "--arms", "plain", "--seeds", "0", "--no_audit")["runs"]
     assert (run["train"], run["audit"]) == ("trained", "skipped")
     assert not (output / "runs/plain/seed-0/audit/results.json").exists()
-    assert "runs: 1 (1 trained or resumed, 0 audited" in capsys.readouterr().out
+    assert "runs: 1 (1 trained or resumed, 0 refused, 0 audited" in capsys.readouterr().out
     (run,) = _bench(changed, output, "--arms", "plain", "--seeds", "0")["runs"]
     assert (run["train"], run["audit"]) == ("reused", "audited")
     assert json.loads((output / "runs/plain/seed-0/memguard.json").read_text())["global_step"] == 5
+
+
+def test_a_run_that_refuses_to_train_is_recorded_and_the_grid_goes_on(
+    grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output, _ = grid
+    real = runner.run_one
+
+    def oracle_refuses(spec, arm, *args, **kwargs):
+        if arm.name == "oracle":
+            raise ConfigError("projection_min_recall: the patch detector found the concept in 0%")
+        return real(spec, arm, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_one", oracle_refuses)
+    copy = tmp_path / "bench"
+    shutil.copytree(output, copy)
+    bench = run_bench(SMOKE, copy, device="cpu", progress=False)
+    states = {(run["arm"], run["seed"]): run["train"] for run in bench["runs"]}
+    assert states[("oracle", 0)] == states[("oracle", 1)] == "refused"
+    assert states[("plain", 0)] != "refused" and states[("plain", 1)] != "refused"
+    assert bench["summary"]["oracle"]["benchmark.quality.fid"]["n"] == 0
+    table = (copy / "bench.md").read_text()
+    assert "- oracle, seed 1: projection_min_recall: the patch detector found" in table
 
 
 def test_bad_keys_and_values_are_named_with_the_file(tmp_path: Path) -> None:
@@ -127,9 +151,10 @@ def test_bad_keys_and_values_are_named_with_the_file(tmp_path: Path) -> None:
 
 def test_projection_spec_makes_each_runs_config() -> None:
     spec = load_spec(CONFIGS / "projection.yaml")
-    assert [arm.name for arm in spec.arms] == ["plain", "oracle", "text", "feature_static", "image"]
+    names = [arm.name for arm in spec.arms]
+    assert names == ["plain", "oracle", "text", "feature_static", "image", "patch"]
     assert spec.seeds == (0, 1, 2) and spec.data_seed_of(2) == 2
-    image = spec.arms[-1]
+    image = spec.arms[names.index("image")]
     config, (projection,) = spec.train_config(
         image, 2, "/d/seed-2", "/d/seed-2/train", "/runs/image"
     )

@@ -285,9 +285,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     spec = load_spec(args.spec).select(args.arms, args.seeds, args.data_seed)
     bench = run_bench(spec, args.output_dir, args.device, audit=not args.no_audit)
     runs, outputs = bench["runs"], bench["outputs"]
-    trained = sum(run["train"] != "reused" for run in runs)
+    trained = sum(run["train"] not in ("reused", "refused") for run in runs)
+    refused = sum(run["train"] == "refused" for run in runs)
     audited = sum(run["audit"] == "audited" for run in runs)
-    counts = f"runs: {len(runs)} ({trained} trained or resumed, {audited} audited, the rest reused)"
+    counts = (
+        f"runs: {len(runs)} ({trained} trained or resumed, {refused} refused, {audited} audited, "
+        "the rest reused)"
+    )
     paths = "\n".join(f"{name}: {path}" for name, path in outputs.items())
     _print(f"{Path(outputs['bench.md']).read_text()}\n{counts}\n{paths}")
 

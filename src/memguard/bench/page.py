@@ -55,6 +55,10 @@ def markdown(bench: dict[str, Any]) -> str:
     lines = [f"# {bench['name']}", "", _seeds_line(bench), ""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(bench)]
+    refused = [run for run in bench["runs"] if run["train"] == "refused"]
+    if refused:
+        lines += ["", "Runs that refused to train (no figures):", ""]
+        lines += [f"- {run['arm']}, seed {run['seed']}: {run['refused']}" for run in refused]
     return "\n".join(lines) + "\n"
 
 

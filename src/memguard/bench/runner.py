@@ -36,6 +36,7 @@ from memguard.bench.page import markdown, render_html
 from memguard.bench.reuse import REUSE, TRAIN, audit_reusable, begin_training, plan_training
 from memguard.bench.spec import Arm, BenchSpec, load_spec
 from memguard.bench.stats import LEVEL, RESAMPLES, flatten, summary
+from memguard.config import ConfigError
 from memguard.data.folder import fingerprint, read_metadata
 from memguard.io import METADATA_FILE, best_device, write_json
 from memguard.train.trainer import Trainer
@@ -127,6 +128,27 @@ def run_one(
     }
 
 
+def refused_run(
+    spec: BenchSpec, arm: Arm, seed: int, output: Path, refusal: ConfigError
+) -> dict[str, Any]:
+    """The record of a run that stopped with a configuration error before it trained (a
+    projection whose footprint or detector cannot guard this concept, say): no figures, and
+    why, in bench.json and bench.md; the grid goes on."""
+    return {
+        "arm": arm.name,
+        "seed": seed,
+        "data_seed": spec.data_seed_of(seed),
+        "settings": {"train": arm.train, "drop_where": arm.drop_where},
+        "train": "refused",
+        "audit": "skipped",
+        "refused": str(refusal),
+        "train_seconds": None,
+        "model_dir": str(output / "runs" / arm.name / f"seed-{seed}"),
+        "log": str(output / "logs" / f"{arm.name}-seed-{seed}.log"),
+        "figures": {},
+    }
+
+
 def run_bench(
     spec: BenchSpec | str | Path,
     output_dir: str | Path,
@@ -156,7 +178,10 @@ def run_bench(
             root = output / "data" / f"seed-{data_seed}"
             data = benchmark_data(spec.shapes_config(data_seed, root))
             for arm in spec.arms:
-                runs.append(run_one(spec, arm, seed, data, output, device, bar, audit))
+                try:
+                    runs.append(run_one(spec, arm, seed, data, output, device, bar, audit))
+                except ConfigError as refusal:  # a defense that refuses this data or setting
+                    runs.append(refused_run(spec, arm, seed, output, refusal))
                 bar.update()
     paths = {name: str(output / name) for name in (BENCH_JSON, BENCH_MD, BENCH_HTML)}
     bench = {

@@ -96,7 +96,13 @@ class ImageProjection(Defense):
             if ctx is None:
                 raise ValueError("finding the footprint needs the run's training context")
             concept, anchor = exemplar_images(self.source, self.concepts, ctx, with_anchors=True)
-            self.basis = concept_footprint(concept.x0, anchor.x0, self.footprint_alpha)
+            try:
+                self.basis = concept_footprint(concept.x0, anchor.x0, self.footprint_alpha)
+            except ValueError as error:  # no footprint: the concept has no fixed place
+                raise ConfigError(
+                    f"projection_mode: image mode cannot guard this concept: {error} "
+                    "(--projection_mode patch finds the concept in each image)"
+                ) from None
         self._handles.append(model.register_forward_hook(self._on_prediction))
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> ImageProjection:
