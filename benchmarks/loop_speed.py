@@ -14,6 +14,9 @@ ratio are written: best of each, and the median over repeats of the ratio of adj
     python benchmarks/loop_speed.py --output runs/loop_speed.json
     python benchmarks/loop_speed.py --defense projection --set concept="the acme logo" \
         --output runs/loop_speed_projection.json
+    python benchmarks/loop_speed.py --defense projection --set concept="the acme logo" \
+        --set projection_mode=patch --set concept_exemplars={data}/concept_exemplars \
+        --output runs/loop_speed_patch.json
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def main() -> None:
     parser.add_argument("--defense", help="also time memguard's loop with this defense")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="a setting of the defense (repeatable), e.g. concept='the acme logo'",
+        help="a setting of the defense (repeatable), e.g. concept='the acme logo'; '{data}' "
+        "in a value is the benchmark folder the script writes",
     )  # fmt: skip
     parser.add_argument("--output", default="runs/loop_speed.json")
     args = parser.parse_args()
@@ -112,6 +116,7 @@ def main() -> None:
                 }
                 for item in args.set:
                     key, value = item.split("=", 1)
+                    value = value.replace("{data}", str(root))
                     repeated = key == "concept"  # a flag that may be given several times
                     defended[key] = [*defended.get(key, []), value] if repeated else value
                 run["defended_seconds"] = our_loop(defended)
