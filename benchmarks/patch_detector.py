@@ -59,9 +59,8 @@ def measure(root: Path, resolution: int, seed: int, steps: int, grow: int) -> di
     )
     ctx = TrainingContext(text_encoder=MiniLMEncoder(max_length=16))
     start = time.perf_counter()
-    projection.setup(torch.nn.Identity(), None, ctx)
+    projection.prepare(ctx)
     seconds = time.perf_counter() - start
-    projection.detach()
 
     train = ImageFolderDataset(str(root / "train"), resolution)
     rows = [record.columns for record in read_metadata(root / "train")]

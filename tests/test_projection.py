@@ -1,4 +1,5 @@
-"""Concept-level gradient projection in text, feature and image mode: exactness, the certificate,
+"""Concept-level gradient projection in text, feature and image mode (patch mode in
+test_projection_patch.py, beside its attach/detach here): exactness, the certificate,
 attach/detach, strength zero, resume, the subspaces, and the settings of each mode."""
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from memguard.data.text import MiniLMEncoder
 from memguard.defenses import (
     FeatureProjection,
     ImageProjection,
+    PatchProjection,
     TextProjection,
     rebuild,
 )
+from memguard.defenses.concept_detector import PatchDetector
 from memguard.defenses.feature_subspace import (
     basis_from_gram,
     concept_feature_bases,
@@ -108,10 +111,13 @@ def test_certificate_needs_the_update_reprojection(shapes_dir: Path, tmp_path: P
     assert gradient_only.leak() > 1e-3
 
 
-def _sgd_steps(unet, optimizer, steps: int = 2) -> None:
+def _sgd_steps(unet, optimizer, steps: int = 2, locate=None) -> None:
+    """SGD steps on random inputs; `locate` (patch mode's) is shown each batch first."""
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(2, 3, 8, 8, generator=generator)
+        if locate is not None:
+            locate(x)
         states = torch.randn(2, 4, 384, generator=generator)
         unet(
             x, torch.tensor([10, 500]), encoder_hidden_states=states
@@ -120,7 +126,7 @@ def _sgd_steps(unet, optimizer, steps: int = 2) -> None:
         optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("mode", ["text", "image"])
+@pytest.mark.parametrize("mode", ["text", "image", "patch"])
 def test_attach_then_detach_leaves_the_model_untouched(mode: str) -> None:
     """Attached, the projection changes training; detached, the model is bit-identical and the
     same steps train it exactly as if it had never been attached."""
@@ -135,10 +141,13 @@ def test_attach_then_detach_leaves_the_model_untouched(mode: str) -> None:
         projection = TextProjection(
             basis=torch.linalg.qr(torch.randn(384, 3, generator=generator))[0]
         )
-    else:
+    elif mode == "image":
         projection = ImageProjection(
             basis=torch.linalg.qr(torch.randn(192, 5, generator=generator))[0]
         )
+    else:  # a random detector, at a threshold that finds something in most images
+        torch.manual_seed(2)
+        projection = PatchProjection(detector=PatchDetector(3), threshold=0.0)
     unet, optimizer = fresh()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     projection.attach(unet, optimizer)
@@ -156,7 +165,7 @@ def test_attach_then_detach_leaves_the_model_untouched(mode: str) -> None:
     )
     defended, defended_optimizer = fresh()
     projection.attach(defended, defended_optimizer)
-    _sgd_steps(defended, defended_optimizer)
+    _sgd_steps(defended, defended_optimizer, locate=getattr(projection, "locate", None))
     projection.detach()
     assert not all(
         torch.equal(a, b) for a, b in zip(defended.parameters(), plain.parameters(), strict=True)

@@ -18,15 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from memguard.config import ConfigError, option
-from memguard.defenses.base import Defense, TrainingContext
+from memguard.defenses.base import TrainingContext
 from memguard.defenses.exemplars import ExemplarSource, exemplar_images
 from memguard.defenses.feature_subspace import concept_footprint
+from memguard.defenses.prediction_guard import GradientHook, PredictionGuard
 from memguard.defenses.projection_feature import exemplars_option
 from memguard.defenses.projection_text import check_concepts, concept_option, max_removed_option
-from memguard.defenses.signal import RemovedSignal, check_limit
+from memguard.defenses.signal import check_limit
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,11 @@ class ImageProjectionConfig:
             raise ConfigError("projection_footprint_alpha: must be in (0, 1)")
 
 
-class ImageProjection(Defense):
+class ImageProjection(PredictionGuard):
     """Projects the gradient of the loss at the model's prediction off a subspace of image
     space: give the `basis` (C*H*W, r), or the `source` of exemplars and anchors to find the
     concept's footprint from at `setup`."""
 
-    name = "projection"
     needs_text = True  # its footprint is measured under captions naming the concept
     config_class = ImageProjectionConfig
     mode = "image"
@@ -71,6 +70,7 @@ class ImageProjection(Defense):
         basis: torch.Tensor | None = None,
         source: ExemplarSource | None = None,
     ) -> None:
+        super().__init__(max_removed)
         if basis is None:
             self.config = ImageProjectionConfig(concept, exemplars, footprint_alpha, max_removed)
             if source is None:
@@ -78,8 +78,6 @@ class ImageProjection(Defense):
         self.concepts, self.footprint_alpha, self.source = tuple(concept), footprint_alpha, source
         self.basis = basis.double() if basis is not None else None
         self._u: torch.Tensor | None = None  # the basis in the gradients' device and dtype
-        self.signal = RemovedSignal(max_removed)
-        self._handles: list = []
 
     @classmethod
     def for_run(cls, config: ImageProjectionConfig, run) -> ImageProjection:
@@ -89,32 +87,22 @@ class ImageProjection(Defense):
             source=source,
         )  # fmt: skip
 
-    def setup(self, model: nn.Module, optimizer, ctx: TrainingContext | None = None) -> None:
-        if self._handles:
-            raise RuntimeError("ImageProjection is already attached; detach() it first")
-        if self.basis is None:
-            if ctx is None:
-                raise ValueError("finding the footprint needs the run's training context")
-            concept, anchor = exemplar_images(self.source, self.concepts, ctx, with_anchors=True)
-            try:
-                self.basis = concept_footprint(concept.x0, anchor.x0, self.footprint_alpha)
-            except ValueError as error:  # no footprint: the concept has no fixed place
-                raise ConfigError(
-                    f"projection_mode: image mode cannot guard this concept: {error} "
-                    "(--projection_mode patch finds the concept in each image)"
-                ) from None
-        self._handles.append(model.register_forward_hook(self._on_prediction))
+    def prepare(self, ctx: TrainingContext | None) -> None:
+        if self.basis is not None:
+            return
+        if ctx is None:
+            raise ValueError("finding the footprint needs the run's training context")
+        concept, anchor = exemplar_images(self.source, self.concepts, ctx, with_anchors=True)
+        try:
+            self.basis = concept_footprint(concept.x0, anchor.x0, self.footprint_alpha)
+        except ValueError as error:  # no footprint: the concept has no fixed place
+            raise ConfigError(
+                f"projection_mode: image mode cannot guard this concept: {error} "
+                "(--projection_mode patch finds the concept in each image)"
+            ) from None
 
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> ImageProjection:
-        """For a loop of your own (with a `basis`): every prediction's gradient is projected."""
-        self.setup(model, optimizer)
-        return self
-
-    def _on_prediction(self, module: nn.Module, inputs, output) -> None:
-        """Forward hook on the UNet: the prediction's gradient will be projected."""
-        prediction = output[0] if isinstance(output, tuple) else output.sample
-        if prediction.requires_grad:
-            prediction.register_hook(self.project_prediction_gradient)
+    def gradient_hook(self, prediction: torch.Tensor) -> GradientHook:
+        return self.project_prediction_gradient  # every prediction
 
     @torch.no_grad()
     def project_prediction_gradient(self, grad: torch.Tensor) -> torch.Tensor:
@@ -130,17 +118,6 @@ class ImageProjection(Defense):
         removed = (flat @ u) @ u.T
         self.signal.add(removed.square().sum(), flat.square().sum())
         return (flat - removed).view_as(grad)
-
-    def after_backward(self, model: nn.Module, ctx: TrainingContext) -> None:
-        self.signal.check_first_step(ctx.group, "the prediction's gradient energy")
-
-    def log_values(self) -> dict:
-        return {"signal_removed": self.signal.take_window()}
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def state_dict(self) -> dict:
         return {"basis": self.basis, "signal": self.signal.state_dict()}

@@ -27,15 +27,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from memguard.config import ConfigError, option
-from memguard.defenses.base import Defense, TrainingContext
+from memguard.defenses.base import TrainingContext
 from memguard.defenses.concept_detector import PatchDetector, fit_patch_detector, footprints
 from memguard.defenses.exemplars import ExemplarSource, exemplar_images
+from memguard.defenses.prediction_guard import GradientHook, PredictionGuard
 from memguard.defenses.projection_feature import exemplars_option
 from memguard.defenses.projection_text import check_concepts, concept_option, max_removed_option
-from memguard.defenses.signal import RemovedSignal, check_limit
+from memguard.defenses.signal import check_limit
 
 # Images without the concept the detector learns from and is calibrated on, per exemplar: its
 # negatives are every position of them, and its threshold is a quantile over them.
@@ -75,13 +75,12 @@ class PatchProjectionConfig:
             raise ConfigError("projection_min_recall: must be in [0, 1]")
 
 
-class PatchProjection(Defense):
+class PatchProjection(PredictionGuard):
     """Projects each sample's prediction gradient off that image's footprint of the concept:
     give a trained `detector` and its `threshold`, or the `source` of exemplars and anchors to
     train one from at `setup`. In a loop of your own, call `locate(x0)` with the batch's clean
     model inputs before the forward pass whose gradient is to be projected."""
 
-    name = "projection"
     needs_text = True  # its anchors are the training images whose captions name no concept
     config_class = PatchProjectionConfig
     mode = "patch"
@@ -98,6 +97,7 @@ class PatchProjection(Defense):
         threshold: float = float("inf"),
         source: ExemplarSource | None = None,
     ) -> None:
+        super().__init__(max_removed)
         if detector is None:
             self.config = PatchProjectionConfig(
                 concept, exemplars, detector_steps, grow, min_recall, max_removed
@@ -109,9 +109,7 @@ class PatchProjection(Defense):
         self.detector, self.threshold = detector, threshold
         self.recall: float | None = None  # the detector's, on held-out exemplars
         self.coverage: float | None = None  # mean share of a held-out exemplar it marks
-        self.signal = RemovedSignal(max_removed)
         self._pending: torch.Tensor | None = None  # footprints for the next forward pass
-        self._handles: list = []
 
     @classmethod
     def for_run(cls, config: PatchProjectionConfig, run) -> PatchProjection:
@@ -121,32 +119,25 @@ class PatchProjection(Defense):
             config.min_recall, config.max_removed, source=source,
         )  # fmt: skip
 
-    def setup(self, model: nn.Module, optimizer, ctx: TrainingContext | None = None) -> None:
-        if self._handles:
-            raise RuntimeError("PatchProjection is already attached; detach() it first")
-        if self.detector is None:
-            if ctx is None:
-                raise ValueError("training the detector needs the run's training context")
-            concept, anchor = exemplar_images(self.source, self.concepts, ctx, with_anchors=True)
-            fit = fit_patch_detector(
-                concept.x0, anchor.x0, self.detector_steps, seed=self.source.seed
+    def prepare(self, ctx: TrainingContext | None) -> None:
+        if self.detector is not None:
+            return
+        if ctx is None:
+            raise ValueError("training the detector needs the run's training context")
+        concept, anchor = exemplar_images(
+            self.source, self.concepts, ctx, with_anchors=True,
+            anchors_per_exemplar=ANCHORS_PER_EXEMPLAR,
+        )  # fmt: skip
+        fit = fit_patch_detector(concept.x0, anchor.x0, self.detector_steps, seed=self.source.seed)
+        self.detector, self.threshold = fit.detector, fit.threshold
+        self.recall, self.coverage = fit.recall, fit.coverage
+        if fit.recall < self.min_recall:
+            raise ConfigError(
+                f"projection_min_recall: the patch detector found the concept in "
+                f"{fit.recall:.0%} of held-out exemplars (limit {self.min_recall:.0%}): it "
+                "would leave most instances unguarded. Check the exemplars, raise "
+                "--projection_detector_steps, or lower --projection_min_recall."
             )
-            self.detector, self.threshold = fit.detector, fit.threshold
-            self.recall, self.coverage = fit.recall, fit.coverage
-            if fit.recall < self.min_recall:
-                raise ConfigError(
-                    f"projection_min_recall: the patch detector found the concept in "
-                    f"{fit.recall:.0%} of held-out exemplars (limit {self.min_recall:.0%}): it "
-                    "would leave most instances unguarded. Check the exemplars, raise "
-                    "--projection_detector_steps, or lower --projection_min_recall."
-                )
-        self._handles.append(model.register_forward_hook(self._on_prediction))
-
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> PatchProjection:
-        """For a loop of your own (with a trained `detector`): call `locate` before each
-        forward pass."""
-        self.setup(model, optimizer)
-        return self
 
     def locate(self, x0: torch.Tensor) -> torch.Tensor:
         """Find the concept in the clean model inputs `x0` (B, C, H, W); the next forward pass
@@ -158,19 +149,18 @@ class PatchProjection(Defense):
     def before_forward(self, batch: dict, ctx: TrainingContext) -> None:
         self.locate(batch["x0"])
 
-    def _on_prediction(self, module: nn.Module, inputs, output) -> None:
-        """Forward hook on the UNet: the prediction of the located batch will be projected
-        (other forward passes, an attack's inner loop say, are not)."""
-        prediction = output[0] if isinstance(output, tuple) else output.sample
+    def gradient_hook(self, prediction: torch.Tensor) -> GradientHook | None:
+        """The located batch's prediction is projected off its footprints; other forward
+        passes (an attack's inner loop, say) are not."""
         footprint, self._pending = self._pending, None
-        if footprint is None or not prediction.requires_grad:
-            return
+        if footprint is None:
+            return None
         if footprint.shape != (prediction.shape[0], *prediction.shape[2:]):
             raise ValueError(
                 f"footprints {tuple(footprint.shape)} do not fit the prediction "
                 f"{tuple(prediction.shape)}: locate() the batch this forward pass denoises"
             )
-        prediction.register_hook(lambda grad: self.project_prediction_gradient(grad, footprint))
+        return lambda grad: self.project_prediction_gradient(grad, footprint)
 
     @torch.no_grad()
     def project_prediction_gradient(
@@ -182,16 +172,9 @@ class PatchProjection(Defense):
         self.signal.add(removed.square().sum(), grad.square().sum())
         return grad - removed
 
-    def after_backward(self, model: nn.Module, ctx: TrainingContext) -> None:
-        self.signal.check_first_step(ctx.group, "the prediction's gradient energy")
-
-    def log_values(self) -> dict:
-        return {"signal_removed": self.signal.take_window()}
-
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._pending = [], None
+        super().detach()
+        self._pending = None
 
     def state_dict(self) -> dict:
         detector = self.detector
