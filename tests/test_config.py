@@ -31,6 +31,8 @@ def test_bad_value_is_named() -> None:
         build(TrainConfig, {"train_data_dir": "d", "max_train_steps": 0})
     with pytest.raises(ConfigError, match=r"mixed_precision: 'fp8' is not one of"):
         build(TrainConfig, {"train_data_dir": "d", "mixed_precision": "fp8"})
+    with pytest.raises(ConfigError, match=r"snr_floor: must be between 0 and snr_gamma"):
+        build(TrainConfig, {"train_data_dir": "d", "snr_floor": 1.0})  # no snr_gamma
 
 
 def test_strings_are_coerced_like_cli_values() -> None:

@@ -251,6 +251,11 @@ class TrainConfig:
     snr_gamma: float = option(
         0.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's value (0: off)"
     )
+    snr_floor: float = option(
+        0.0,
+        "lower bound of the min-SNR weight on the clean image, clip(SNR, floor, gamma): 1 "
+        "truncates it as Salimans & Ho 2022 do, so high-noise steps keep weight (0: off)",
+    )
     defense: tuple[str, ...] = option(
         (), "defense to attach (repeatable; see memguard.defenses.registry for the names)"
     )
@@ -372,6 +377,10 @@ class TrainConfig:
         _require(self.lora_rank >= 0, "lora_rank: must be >= 0")
         _require(self.checkpointing_steps > 0, "checkpointing_steps: must be positive")
         _require(self.snr_gamma >= 0, "snr_gamma: must be >= 0")
+        _require(
+            self.snr_floor == 0 or 0 < self.snr_floor <= self.snr_gamma,
+            "snr_floor: must be between 0 and snr_gamma (and needs snr_gamma > 0)",
+        )
         _require(
             len(set(self.defense)) == len(self.defense),
             f"defense: {list(self.defense)} names a defense twice",

@@ -40,14 +40,17 @@ def per_sample_loss(
 
 
 def min_snr_weights(
-    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, floor: float = 0.0
 ) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al., "Efficient Diffusion Training via Min-SNR
-    Weighting Strategy", ICCV 2023), shape (B,): min(SNR_t, gamma) / SNR_t for an epsilon
-    target, min(SNR_t, gamma) / (SNR_t + 1) for a v target, so that the weight the loss puts
-    on the clean image is min(SNR_t, gamma) either way."""
+    Weighting Strategy", ICCV 2023), shape (B,): w / SNR_t for an epsilon target, w / (SNR_t + 1)
+    for a v target, so that the weight the loss puts on the clean image is w either way, with
+    w = min(SNR_t, gamma). A `floor` > 0 also truncates w from below, w = clip(SNR_t, floor,
+    gamma) (the truncated-SNR weighting of Salimans & Ho, "Progressive Distillation for Fast
+    Sampling of Diffusion Models", ICLR 2022, is floor 1 without the cap), so that the
+    high-noise steps, where SNR_t -> 0, are not left out of the loss."""
     snr = compute_snr(scheduler, timesteps).float()
-    clipped = snr.clamp(max=gamma)
+    clipped = snr.clamp(min=floor, max=gamma)
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     return clipped / snr.clamp_min(torch.finfo(torch.float32).tiny)

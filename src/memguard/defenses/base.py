@@ -57,6 +57,7 @@ class TrainingContext:
     text_encoder: Any = None  # memguard.data.text.TextEncoder of the run, when known
     vae: Any = None  # the VAE of a latent model; None in pixel space
     snr_gamma: float = 0.0  # min-SNR-gamma weighting of the loss (0: off)
+    snr_floor: float = 0.0  # lower bound of that weight on the clean image (0: off)
 
     @property
     def world_size(self) -> int:
@@ -138,7 +139,9 @@ def sample_losses(model: nn.Module, batch: dict, ctx: TrainingContext) -> torch.
         model, ctx.scheduler, batch["x0"], condition_of(batch), batch["timesteps"], batch["noise"]
     )
     if ctx.snr_gamma > 0:
-        losses = losses * min_snr_weights(ctx.scheduler, batch["timesteps"], ctx.snr_gamma)
+        losses = losses * min_snr_weights(
+            ctx.scheduler, batch["timesteps"], ctx.snr_gamma, ctx.snr_floor
+        )
     return losses
 
 

@@ -206,6 +206,7 @@ def make_step(
     context = TrainingContext(
         group=group, scheduler=run.scheduler, text_encoder=run.encoder, vae=run.vae,
         snr_gamma=config.snr_gamma,
+        snr_floor=config.snr_floor,
     )  # fmt: skip
     return TrainingStep(
         model, optimizer, lr_schedule, context, defenses, ema,
