@@ -10,10 +10,12 @@ more than the background; the probe reads its corners and names the nearest of t
 backgrounds. An epsilon model is trained with weight SNR_t on the clean image, about zero at
 these steps, so whether it learns there to follow the background words is left to chance.
 
-Measures (guided sampling, scale 3, 50 DPM-Solver++ steps, seeds 0..3): attribute accuracy of
-the judge on 20 ordinary training captions (drawn with random.Random(0)) x 4 images;
-duplicated captions x 4 replicated (Gu et al., copies merged); the first step's background.
-Writes `recipe_probe.json` into the model folder and prints it.
+Measures (guided sampling, scale 3 as in the audit or `--guidance_scale`, 50 DPM-Solver++
+steps, seeds 0..3): attribute accuracy of the judge on 20 ordinary training captions (drawn
+with random.Random(0)) x 4 images; duplicated captions x 4 replicated (Gu et al., copies
+merged); the first step's background.
+Writes `recipe_probe.json` (`recipe_probe-gS.json` at another scale S) into the model folder and
+prints it.
 
     memguard train --config configs/benchmark.yaml --train_data_dir DATA/train --output_dir M \\
         --seed 1 --max_train_steps 1000 --prediction_type epsilon --snr_gamma 0
@@ -37,11 +39,13 @@ from memguard.metrics.quality import attribute_accuracy, caption_attributes
 from memguard.metrics.replication import gu_replication
 from memguard.sampling import generate, initial_noise, make_sampler
 
-GUIDANCE, STEPS, IMAGES = 3.0, 50, 4
+STEPS, IMAGES = 50, 4
 
 
 @torch.no_grad()
-def first_step_backgrounds(model: DiffusionModel, prompts: list[str]) -> list[str]:
+def first_step_backgrounds(
+    model: DiffusionModel, prompts: list[str], guidance_scale: float
+) -> list[str]:
     """The background each prompt's guided clean-image estimate shows at the first sampling
     step, from IMAGES starts: the nearest background colour to its corners' mean."""
     schedule = make_sampler("dpm", model.scheduler_config)
@@ -52,7 +56,7 @@ def first_step_backgrounds(model: DiffusionModel, prompts: list[str]) -> list[st
     uncond = model.encoder.encode([""])[0].expand_as(cond)
     conditional = model.unet(x, t, encoder_hidden_states=cond).sample
     unconditional = model.unet(x, t, encoder_hidden_states=uncond).sample
-    guided = unconditional + GUIDANCE * (conditional - unconditional)
+    guided = unconditional + guidance_scale * (conditional - unconditional)
     abar = torch.tensor(schedule.alphas_cumprod[int(t)])
     if model.scheduler_config["prediction_type"] == "v_prediction":
         clean = abar.sqrt() * x - (1 - abar).sqrt() * guided
@@ -66,7 +70,7 @@ def first_step_backgrounds(model: DiffusionModel, prompts: list[str]) -> list[st
     return [names[i] for i in torch.cdist(mean, colours).argmin(dim=1).tolist()]
 
 
-def probe(model_dir: Path, data_dir: Path) -> dict:
+def probe(model_dir: Path, data_dir: Path, guidance_scale: float = 3.0) -> dict:
     model = load_model(model_dir, device="cpu")
     train = ImageFolderDataset(data_dir / "train", model.image_size)
     groups = train.column("duplicate_group")
@@ -76,16 +80,22 @@ def probe(model_dir: Path, data_dir: Path) -> dict:
     others = sorted({c for c, g in zip(train.captions, groups, strict=True) if g < 0})
     ordinary = sorted(random.Random(0).sample(others, 20))
     images = generate(
-        model, duplicated + ordinary, IMAGES, 0, guidance_scale=GUIDANCE, num_inference_steps=STEPS
+        model,
+        duplicated + ordinary,
+        IMAGES,
+        0,
+        guidance_scale=guidance_scale,
+        num_inference_steps=STEPS,
     )
     replicas = gu_replication(images.flatten(1), train.stacked().float().div(255).flatten(1))
     count = len(duplicated) * IMAGES
     judge = load_judge(JudgeSpec(image_size=model.image_size))
     prompts = [p for p in ordinary for _ in range(IMAGES)]
-    backgrounds = first_step_backgrounds(model, ordinary)
+    backgrounds = first_step_backgrounds(model, ordinary, guidance_scale)
     asked = [caption_attributes(p)["background"] for p in prompts]
     return {
         "model": str(model_dir.resolve()),
+        "guidance_scale": guidance_scale,
         "duplicates_replicated": float(replicas.is_replica[:count].double().mean()),
         "ordinary_replicated": float(replicas.is_replica[count:].double().mean()),
         "attribute_accuracy": attribute_accuracy(prompts, judge.predict(images[count:])),
@@ -100,9 +110,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="a trained benchmark model folder")
     parser.add_argument("data", type=Path, help="its benchmark data folder (with train/)")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=3.0,
+        help="classifier-free guidance (the audit's: 3)",
+    )
     args = parser.parse_args()
-    result = probe(args.model, args.data)
-    (args.model / "recipe_probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = probe(args.model, args.data, args.guidance_scale)
+    name = "recipe_probe" + ("" if args.guidance_scale == 3.0 else f"-g{args.guidance_scale:g}")
+    (args.model / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
