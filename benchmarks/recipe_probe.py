@@ -10,7 +10,7 @@ more than the background; the probe reads its corners and names the nearest of t
 backgrounds. An epsilon model is trained with weight SNR_t on the clean image, about zero at
 these steps, so whether it learns there to follow the background words is left to chance.
 
-Measures (guided sampling, scale 3 as in the audit or `--guidance_scale`, 50 DPM-Solver++
+Measures (guided sampling at the audit's scale or `--guidance_scale`, 50 DPM-Solver++
 steps, seeds 0..3): attribute accuracy of the judge on 20 ordinary training captions (drawn
 with random.Random(0)) x 4 images; duplicated captions x 4 replicated (Gu et al., copies
 merged); the first step's background.
@@ -25,12 +25,14 @@ prints it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 from pathlib import Path
 
 import torch
 
+from memguard.config import AuditConfig
 from memguard.data.folder import ImageFolderDataset
 from memguard.data.shapes import BACKGROUNDS
 from memguard.io import DiffusionModel, load_model
@@ -40,6 +42,9 @@ from memguard.metrics.replication import gu_replication
 from memguard.sampling import generate, initial_noise, make_sampler
 
 STEPS, IMAGES = 50, 4
+AUDIT_GUIDANCE = next(
+    f.default for f in dataclasses.fields(AuditConfig) if f.name == "guidance_scale"
+)
 
 
 @torch.no_grad()
@@ -70,7 +75,7 @@ def first_step_backgrounds(
     return [names[i] for i in torch.cdist(mean, colours).argmin(dim=1).tolist()]
 
 
-def probe(model_dir: Path, data_dir: Path, guidance_scale: float = 3.0) -> dict:
+def probe(model_dir: Path, data_dir: Path, guidance_scale: float = AUDIT_GUIDANCE) -> dict:
     model = load_model(model_dir, device="cpu")
     train = ImageFolderDataset(data_dir / "train", model.image_size)
     groups = train.column("duplicate_group")
@@ -111,14 +116,12 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="a trained benchmark model folder")
     parser.add_argument("data", type=Path, help="its benchmark data folder (with train/)")
     parser.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=3.0,
-        help="classifier-free guidance (the audit's: 3)",
+        "--guidance_scale", type=float, default=AUDIT_GUIDANCE, help="default: the audit's"
     )
     args = parser.parse_args()
     result = probe(args.model, args.data, args.guidance_scale)
-    name = "recipe_probe" + ("" if args.guidance_scale == 3.0 else f"-g{args.guidance_scale:g}")
+    scale = "" if args.guidance_scale == AUDIT_GUIDANCE else f"-g{args.guidance_scale:g}"
+    name = "recipe_probe" + scale
     (args.model / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
