@@ -144,6 +144,7 @@ def test_two_processes_match_one(shapes_dir: Path, tmp_path: Path) -> None:
     one, two = records(tmp_path / "one")[0]["report"], records(tmp_path / "two")[0]["report"]
     assert one["detector_recall"] == two["detector_recall"]  # each process trains the same one
     assert one["signal_removed_first_step"] == pytest.approx(two["signal_removed_first_step"])
+    assert one["signal_removed"] == pytest.approx(two["signal_removed"])  # the group's
 
 
 def test_the_recorded_settings_rebuild_the_defense(shapes_dir: Path, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ class PredictionGuard(Defense):
             prediction.register_hook(hook)
 
     def after_backward(self, model: nn.Module, ctx: TrainingContext) -> None:
-        self.signal.check_first_step(ctx.group, "the prediction's gradient energy")
+        self.signal.end_step(ctx.group, "the prediction's gradient energy")
 
     def log_values(self) -> dict:
         return {"signal_removed": self.signal.take_window()}

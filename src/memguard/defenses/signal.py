@@ -21,19 +21,27 @@ from memguard.distributed import Group
 
 
 class RemovedSignal:
-    """Removed and total gradient energy: over the run, and since the last `take_window`."""
+    """Removed and total gradient energy: over the run, and since the last `take_window`.
+
+    A training loop ends each step with `end_step`, on every process of the group: the step's
+    energies are summed over the group, so the figures are the group's, not one process's. A
+    loop of one's own that never calls it still gets this process's figures."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
+        self._step = torch.zeros(2, dtype=torch.float64)  # counted since the last end_step
         self._run = torch.zeros(2, dtype=torch.float64)
         self._window = torch.zeros(2, dtype=torch.float64)
         self.first_step: float | None = None  # the fraction at the run's first step
 
     def add(self, removed: torch.Tensor, total: torch.Tensor) -> None:
         """Count one projection: the energy it removed and the energy it was given."""
-        energies = torch.stack([removed.detach().double(), total.detach().double()]).cpu()
+        self._step += torch.stack([removed.detach().double(), total.detach().double()]).cpu()
+
+    def _close_step(self, energies: torch.Tensor) -> None:
         self._run += energies
         self._window += energies
+        self._step = torch.zeros_like(self._step)
 
     @staticmethod
     def _fraction(energies: torch.Tensor) -> float | None:
@@ -43,19 +51,23 @@ class RemovedSignal:
     @property
     def fraction(self) -> float | None:
         """Over the run so far (None before any gradient)."""
-        return self._fraction(self._run)
+        return self._fraction(self._run + self._step)
 
     def take_window(self) -> float | None:
         """The fraction since the last call, which starts a new window."""
+        self._close_step(self._step)
         fraction, self._window = self._fraction(self._window), torch.zeros_like(self._window)
         return fraction
 
-    def check_first_step(self, group: Group, what: str) -> None:
-        """After the first step's backward (every process of the group calls it): record the
-        group's fraction, and stop when it exceeds the limit, before any weight changes."""
-        if self.first_step is not None:  # measured already (a resumed run)
+    def end_step(self, group: Group, what: str) -> None:
+        """After a step's backward (every process of the group calls it): add the group's
+        energies of the step; at the run's first step, record its fraction and stop when it
+        exceeds the limit, before any weight changes."""
+        energies = group.sum(self._step)
+        self._close_step(energies)
+        if self.first_step is not None:  # measured already (or a resumed run)
             return
-        fraction = self._fraction(group.sum(self._run))
+        fraction = self._fraction(energies)
         self.first_step = fraction
         if fraction is not None and fraction > self.limit:
             raise ConfigError(
@@ -69,10 +81,11 @@ class RemovedSignal:
         return {"signal_removed": self.fraction, "signal_removed_first_step": self.first_step}
 
     def state_dict(self) -> dict:
-        return {"run": self._run.clone(), "first_step": self.first_step}
+        return {"run": self._run + self._step, "first_step": self.first_step}
 
     def load_state_dict(self, state: dict) -> None:
         self._run = state["run"].clone()
+        self._step = torch.zeros_like(self._run)
         self._window = torch.zeros_like(self._run)
         self.first_step = state["first_step"]
 

@@ -125,7 +125,7 @@ class SubspaceGuard(Defense):
 
     def after_backward(self, model: nn.Module, ctx: TrainingContext) -> None:
         self.project_gradients()
-        self.signal.check_first_step(ctx.group, self.signal_source)
+        self.signal.end_step(ctx.group, self.signal_source)
 
     def log_values(self) -> dict:
         return {"signal_removed": self.signal.take_window()}
