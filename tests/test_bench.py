@@ -96,7 +96,8 @@ def test_second_run_reuses_everything_and_a_changed_arm_is_retrained(
     (run,) = _bench(changed, output, "--arms", "plain", "--seeds", "0", "--no_audit")["runs"]
     assert (run["train"], run["audit"]) == ("trained", "skipped")
     assert not (output / "runs/plain/seed-0/audit/results.json").exists()
-    assert "runs: 1 (1 trained or resumed, 0 refused, 0 audited" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "runs: 1 (1 trained, resumed or mitigated, 0 refused, 0 audited" in printed
     (run,) = _bench(changed, output, "--arms", "plain", "--seeds", "0")["runs"]
     assert (run["train"], run["audit"]) == ("reused", "audited")
     assert json.loads((output / "runs/plain/seed-0/memguard.json").read_text())["global_step"] == 5
@@ -226,3 +227,62 @@ def test_a_run_recorded_before_a_setting_existed_is_reused(tmp_path: Path) -> No
     assert plan_training(config, [], "sha") == REUSE
     other = tiny_config(tmp_path / "data", tmp_path / "run", conditioning="none")
     assert plan_training(other, [], "sha") == TRAIN
+
+
+def test_arms_start_from_other_arms_and_are_redone_when_their_source_is(tmp_path: Path) -> None:
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["seeds"] = [0]
+    spec["audit"] |= {"attacks": ["trigger"], "trigger_steps": 2, "attack_max_targets": 1}
+    spec["arms"] = {
+        "plain": {},
+        "wanda": {
+            "from": "plain",
+            "mitigate": {
+                "method": "wanda", "prompts": "{data}/prompts/duplicated.txt", "sparsity": 0.05,
+                "num_images": 1, "num_inference_steps": 2,
+            },
+        },
+        "adversarial": {
+            "from": "wanda", "strategy": "adversarial", "memorized": "{data}/prompts/memorized.txt",
+            "max_train_steps": 2, "adv_inner_steps": 1, "adv_batch_size": 2,
+            "adv_surrogate_steps": 2,
+        },
+    }  # fmt: skip
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    output = tmp_path / "bench"
+    runs = {run["arm"]: run for run in _bench(path, output)["runs"]}
+    assert [runs[arm]["train"] for arm in ("plain", "wanda", "adversarial")] == [
+        "trained", "mitigated", "trained",
+    ]  # fmt: skip
+    wanda, adversarial = output / "runs/wanda/seed-0", output / "runs/adversarial/seed-0"
+    assert json.loads((wanda / "pruning.json").read_text())["num_pruned"] > 0
+    assert runs["wanda"]["figures"]["mitigate_seconds"] > 0
+    assert "train_seconds" not in runs["wanda"]["figures"]  # not the pruned model's training
+    assert runs["wanda"]["settings"]["from"] == "plain"
+    fine_tuned = json.loads((adversarial / "memguard.json").read_text())["config"]
+    assert fine_tuned["pretrained_model_name_or_path"] == str(wanda)
+    assert all(run["figures"]["attacks.trigger.trigger_replicated.n"] == 1 for run in runs.values())
+
+    again = {run["arm"]: run for run in _bench(path, output)["runs"]}
+    assert all(run["train"] == run["audit"] == "reused" for run in again.values())
+    # only the source is asked for; a retrained source is mitigated and fine-tuned from again
+    spec["arms"]["plain"] = {"max_train_steps": 5}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    runs = {run["arm"]: run for run in _bench(path, output, "--arms", "adversarial")["runs"]}
+    assert [runs[arm]["train"] for arm in ("plain", "wanda", "adversarial")] == [
+        "trained", "mitigated", "trained",
+    ]  # fmt: skip
+
+
+def test_an_arm_from_an_arm_not_listed_before_it_is_an_error(tmp_path: Path) -> None:
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["arms"] = {"tuned": {"from": "plain"}, "plain": {}}
+    path = tmp_path / "order.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ConfigError, match="arms.tuned: from: 'plain' is not an arm listed before"):
+        load_spec(path)
+    spec["arms"] = {"plain": {}, "pruned": {"from": "plain", "mitigate": {"method": "nemo"}}}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"arms.pruned.mitigate: prompts: required"):
+        load_spec(path)

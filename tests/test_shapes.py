@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import SMALL_SHAPES
+from memguard.attacks.targets import read_targets
 from memguard.config import ShapesConfig
 from memguard.data.shapes import CONCEPT_SUFFIX, LOGO_COLORS, make_shapes_dataset, stamp_logo
 
@@ -82,3 +83,14 @@ def test_logo_opacity_blends_over_the_image() -> None:
     expected = np.round(0.5 * np.array(LOGO_COLORS[2]) + 0.5 * np.array([40, 80, 120]))
     assert np.array_equal(faint[12, 12], expected)
     assert np.array_equal(faint[0, 0], [40, 80, 120])  # outside the logo: untouched
+
+
+def test_memorized_targets_list_one_image_of_each_duplicate_group(shapes_dir: Path) -> None:
+    targets = read_targets(shapes_dir / "prompts" / "memorized.txt", 16)
+    rows = {r["file_name"]: r for r in _rows(shapes_dir / "train")}
+    listed = [rows[Path(name).name] for name in targets.names]
+    assert all(row["kind"] == "duplicate" for row in listed)
+    assert len({row["duplicate_group"] for row in listed}) == SMALL_SHAPES["num_duplicate_groups"]
+    assert targets.prompts == [row["text"] for row in listed]
+    duplicated = (shapes_dir / "prompts" / "duplicated.txt").read_text().splitlines()
+    assert sorted(targets.prompts) == sorted(duplicated)

@@ -289,8 +289,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     refused = sum(run["train"] == "refused" for run in runs)
     audited = sum(run["audit"] == "audited" for run in runs)
     counts = (
-        f"runs: {len(runs)} ({trained} trained or resumed, {refused} refused, {audited} audited, "
-        "the rest reused)"
+        f"runs: {len(runs)} ({trained} trained, resumed or mitigated, {refused} refused, "
+        f"{audited} audited, the rest reused)"
     )
     paths = "\n".join(f"{name}: {path}" for name, path in outputs.items())
     _print(f"{Path(outputs['bench.md']).read_text()}\n{counts}\n{paths}")

@@ -2,7 +2,8 @@
 
 `benchmark_data` builds the data for a seed, or reuses the folder when its `dataset.json`
 records the same ShapesConfig and declares the benchmark (it is written last, so a killed build
-is rebuilt from scratch; a folder written before the declaration is rebuilt, the same data).
+is rebuilt from scratch; a folder written before the declaration or before `prompts/memorized.txt`
+existed is rebuilt, the same data).
 `drop_rows` writes a copy of a training folder without the images whose metadata matches
 (an arm's `drop_where`), once, under a name given by the rule.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from memguard.config import ConfigError, ShapesConfig, to_dict, with_defaults
 from memguard.data.folder import METADATA
-from memguard.data.shapes import BENCHMARK, make_shapes_dataset
+from memguard.data.shapes import BENCHMARK, MEMORIZED_FILE, make_shapes_dataset
 
 
 def benchmark_data(config: ShapesConfig) -> Path:
@@ -28,7 +29,10 @@ def benchmark_data(config: ShapesConfig) -> Path:
     summary = root / "dataset.json"
     written = json.loads(summary.read_text()) if summary.is_file() else {}
     recorded = with_defaults(ShapesConfig, written.get("config"))
-    if recorded == to_dict(config) and written.get("benchmark") == BENCHMARK:
+    complete = (
+        written.get("benchmark") == BENCHMARK and (root / "prompts" / MEMORIZED_FILE).is_file()
+    )
+    if recorded == to_dict(config) and complete:
         return root
     if root.exists():
         shutil.rmtree(root)

@@ -10,6 +10,11 @@ A run folder is the model folder of one arm at one seed. Its training is
 - *trained* otherwise, after the folder is emptied: checkpoints of other settings must never
   be resumed, and a model of other settings must not stand for this one.
 
+A run that starts `from` another arm's model records that model's `memguard.json` (its SHA-256)
+too: when the source is trained again, so is the run. A mitigation arm's folder (`memguard
+mitigate`'s output) is reused when complete and recorded for the same MitigateConfig and
+source, and otherwise emptied and written again.
+
 Its audit (`audit/results.json`) is reused when it records the same AuditConfig (the device
 aside: training does not record its device either), the same judge and the model's config and
 data.
@@ -17,6 +22,7 @@ data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from memguard.audit import RESULTS_FILE
-from memguard.config import AuditConfig, TrainConfig, to_dict, with_defaults
+from memguard.config import AuditConfig, MitigateConfig, TrainConfig, to_dict, with_defaults
 from memguard.defenses.base import Defense
 from memguard.defenses.registry import defense_settings
 from memguard.io import METADATA_FILE, write_json
@@ -43,39 +49,77 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _intent(config: TrainConfig, defenses: list[Defense], data_sha256: str) -> dict:
+def model_sha256(folder: str | Path) -> str:
+    """The SHA-256 of a finished model folder's memguard.json (it changes when it is retrained)."""
+    return hashlib.sha256((Path(folder) / METADATA_FILE).read_bytes()).hexdigest()
+
+
+def _intent(
+    config: TrainConfig, defenses: list[Defense], data_sha256: str, source: str | None
+) -> dict:
     return {
         "config": _plain(to_dict(config)),
         "defenses": _plain([defense_settings(d) for d in defenses]),
         "data_sha256": data_sha256,
+        **({"source_sha256": source} if source is not None else {}),
     }
 
 
-def plan_training(config: TrainConfig, defenses: list[Defense], data_sha256: str) -> str:
-    """REUSE, RESUME or TRAIN for the run folder `config.output_dir` (see the module)."""
+def _begin(run: Path, intent: dict) -> None:
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    write_json(run / INTENT_FILE, intent)
+
+
+def plan_training(
+    config: TrainConfig, defenses: list[Defense], data_sha256: str, source: str | None = None
+) -> str:
+    """REUSE, RESUME or TRAIN for the run folder `config.output_dir` (see the module);
+    `source`: the model_sha256 of the model it starts from, if another arm's."""
     run = Path(config.output_dir)
-    intent = _intent(config, defenses, data_sha256)
+    intent = _intent(config, defenses, data_sha256, source)
     metadata = _read(run / METADATA_FILE)
+    written = _read(run / INTENT_FILE)
     if (
         metadata is not None
         and with_defaults(TrainConfig, metadata.get("config")) == intent["config"]
         and [r.get("settings") for r in metadata.get("defenses", [])] == intent["defenses"]
         and metadata.get("data", {}).get("sha256") == data_sha256
+        and (source is None or (written or {}).get("source_sha256") == source)
     ):
         return REUSE
-    written = _read(run / INTENT_FILE)
     if written is not None:
         written["config"] = with_defaults(TrainConfig, written.get("config"))
     return RESUME if written == intent else TRAIN
 
 
-def begin_training(config: TrainConfig, defenses: list[Defense], data_sha256: str) -> None:
+def begin_training(
+    config: TrainConfig, defenses: list[Defense], data_sha256: str, source: str | None = None
+) -> None:
     """Empty the run folder and record the settings and data it is for."""
+    _begin(Path(config.output_dir), _intent(config, defenses, data_sha256, source))
+
+
+def _mitigation_intent(config: MitigateConfig, source: str) -> dict:
+    settings = _plain(to_dict(config))
+    settings.pop("device")
+    return {"mitigate": settings, "source_sha256": source}
+
+
+def mitigation_reusable(config: MitigateConfig, source: str) -> bool:
+    """Whether `config.output_dir` holds a finished mitigation of this source, these settings."""
     run = Path(config.output_dir)
-    if run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True)
-    write_json(run / INTENT_FILE, _intent(config, defenses, data_sha256))
+    written = _read(run / INTENT_FILE)
+    if written is not None:
+        written["mitigate"] = with_defaults(MitigateConfig, written.get("mitigate"))
+        written["mitigate"].pop("device", None)
+    return (run / METADATA_FILE).is_file() and written == _mitigation_intent(config, source)
+
+
+def begin_mitigation(config: MitigateConfig, source: str) -> None:
+    """Empty the mitigation's folder and record the settings and source it is for."""
+    _begin(Path(config.output_dir), _mitigation_intent(config, source))
 
 
 def audit_reusable(config: AuditConfig, judge: JudgeSpec, model_metadata: dict) -> bool:

@@ -10,10 +10,13 @@ keys in `ARM_KEYS` that the harness itself interprets:
 
 - `drop_where: {column: value, ...}`: train on a copy of the training folder without the images
   whose metadata matches every pair (the oracle arm: `drop_where: {has_concept: true}`).
+- `from: ARM`: start from the model of another arm (listed before this one) at the same seed:
+  training fine-tunes it (`pretrained_model_name_or_path` is that run's folder), and
+- `mitigate: {method: nemo, ...}` (`MitigateConfig` keys, with `from`): the arm is not trained
+  but `memguard mitigate` applied to that model (NeMo or Wanda pruning of a plain model, say).
 
 A training strategy that TrainConfig gains (`strategy: iet`, say) is a train setting like any
-other and needs nothing here. A post-training step applied to another arm's model (pruning,
-say) belongs in `ARM_KEYS` beside `drop_where`, as its own named, validated option.
+other and needs nothing here.
 
 In string settings, `{data}` stands for the folder of the benchmark data the run is trained on
 (e.g. `concept_exemplars: "{data}/concept_exemplars"`).
@@ -29,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from memguard.config import (
+    FROM_SCRATCH_ONLY,
     AuditConfig,
     ConfigError,
+    MitigateConfig,
     ShapesConfig,
     TrainConfig,
     build,
@@ -43,14 +48,16 @@ from memguard.defenses.registry import build_training
 from memguard.defenses.registry import flags as defense_flags
 from memguard.metrics.judge import JudgeSpec
 
-ARM_KEYS = ("drop_where",)
+ARM_KEYS = ("drop_where", "from", "mitigate")
 ARM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DATA_PLACEHOLDER = "{data}"
+PLACEHOLDER = "<the benchmark data>"  # the data folder when a spec's configs are checked
 # Keys the harness sets for each run, so a spec may not.
 HARNESS_KEYS = {
     "base": ("train_data_dir", "output_dir", "seed", "resume_from_checkpoint"),
     "data": ("output_dir", "seed"),
     "audit": ("model", "train_data_dir", "output_dir", "device"),
+    "mitigate": ("model", "output_dir", "device"),
 }
 
 
@@ -63,7 +70,7 @@ class SpecFile:
     """The keys of a bench YAML file."""
 
     arms: dict[str, Any] = _mapping(
-        "arm name -> its settings: TrainConfig keys over the base, and drop_where"
+        "arm name -> its settings: TrainConfig keys over the base, drop_where, from, mitigate"
     )
     base: dict[str, Any] = _mapping(
         "TrainConfig keys every arm starts from; `config` names a train YAML file (relative to "
@@ -125,6 +132,14 @@ class Arm:
     name: str
     train: dict[str, Any]  # TrainConfig settings over the base
     drop_where: dict[str, Any]  # metadata column -> value of the training images left out
+    source: str | None = None  # `from`: the arm whose model (same seed) this one starts from
+    mitigate: dict[str, Any] = field(default_factory=dict)  # MitigateConfig settings, if any
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The arm as the spec gives it, for bench.json."""
+        extra = {"from": self.source, "mitigate": self.mitigate} if self.source else {}
+        return {"train": self.train, "drop_where": self.drop_where, **extra}
 
 
 def with_data(settings: Mapping[str, Any], data: str | Path) -> dict[str, Any]:
@@ -161,18 +176,43 @@ class BenchSpec:
         values = {**self.data, "output_dir": str(root), "seed": data_seed}
         return build(ShapesConfig, values, f"{self.path}: data")
 
+    def run_dir(self, root: str | Path, arm: str, seed: int) -> Path:
+        """The model folder of an arm at a seed under a grid's output folder."""
+        return Path(root) / "runs" / arm / f"seed-{seed}"
+
+    def source_dir(self, arm: Arm, seed: int, output: str | Path) -> Path:
+        """The model folder an arm starts `from`, beside its own `output` (ROOT/runs/ARM/seed-S)."""
+        return self.run_dir(Path(output).parents[2], str(arm.source), seed)
+
     def train_config(
         self, arm: Arm, seed: int, data: str | Path, train_dir: str | Path, output: str | Path
     ) -> tuple[TrainConfig, list[Defense]]:
         """The run's TrainConfig and defenses: base, arm, then the harness's paths, seed and
-        resumption."""
-        values = with_data({**self.base, **arm.train}, data) | {
+        resumption. An arm `from` another fine-tunes that arm's model, which brings the
+        settings of a model trained from scratch (the base's are left out)."""
+        base = self.base
+        if arm.source is not None:
+            base = {k: v for k, v in base.items() if k not in FROM_SCRATCH_ONLY}
+        values = with_data({**base, **arm.train}, data) | {
             "train_data_dir": str(train_dir),
             "output_dir": str(output),
             "seed": seed,
             "resume_from_checkpoint": "latest",
         }
+        if arm.source is not None:
+            values["pretrained_model_name_or_path"] = str(self.source_dir(arm, seed, output))
         return build_training(values, f"{self.path}: arms.{arm.name}")
+
+    def mitigate_config(
+        self, arm: Arm, seed: int, data: str | Path, output: str | Path, device: str | None
+    ) -> MitigateConfig:
+        """The MitigateConfig of a mitigation arm: its settings on its source arm's model."""
+        values = with_data(arm.mitigate, data) | {
+            "model": str(self.source_dir(arm, seed, output)),
+            "output_dir": str(output),
+            "device": device,
+        }
+        return build(MitigateConfig, values, f"{self.path}: arms.{arm.name}.mitigate")
 
     def audit_config(
         self, model: str | Path, data: str | Path, output: str | Path, device: str | None
@@ -202,13 +242,17 @@ class BenchSpec:
         seeds: list[int] | None = None,
         data_seed: int | None = None,
     ) -> BenchSpec:
-        """The spec restricted to some arms (by name), with other seeds, or with the data of
-        one seed for every run (None: as the spec says)."""
+        """The spec restricted to some arms (by name, with the arms they start `from`), with
+        other seeds, or with the data of one seed for every run (None: as the spec says)."""
         names = [arm.name for arm in self.arms]
         unknown = sorted(set(arms or ()) - set(names))
         if unknown:
             raise ConfigError(f"--arms: {self.path} has no arm {unknown} (arms: {names})")
-        chosen = tuple(a for a in self.arms if arms is None or a.name in arms)
+        wanted = set(names if arms is None else arms)
+        for arm in reversed(self.arms):  # an arm's source runs too (sources come first)
+            if arm.name in wanted and arm.source is not None:
+                wanted.add(arm.source)
+        chosen = tuple(a for a in self.arms if a.name in wanted)
         seeds = self.seeds if seeds is None else tuple(dict.fromkeys(seeds))
         data_seed = self.data_seed if data_seed is None else data_seed
         return dataclasses.replace(self, arms=chosen, seeds=seeds, data_seed=data_seed)
@@ -257,7 +301,25 @@ def _arm(name: str, settings: Any, path: Path) -> Arm:
         raise ConfigError(f"{where}: expected a mapping of settings, got {settings!r}")
     train = dict(settings or {})
     drop_where = train.pop("drop_where", None) or {}
+    source, mitigate = train.pop("from", None), train.pop("mitigate", None)
     train = _train_settings(train, f"{where} (TrainConfig keys, or {', '.join(ARM_KEYS)})")
+    if source is not None and not isinstance(source, str):
+        raise ConfigError(f"{where}: from: expected an arm's name, got {source!r}")
+    if source is not None and "pretrained_model_name_or_path" in train:
+        raise ConfigError(
+            f"{where}: pretrained_model_name_or_path: the arm starts from arm {source!r}'s model"
+        )
+    if mitigate is not None:
+        if source is None:
+            raise ConfigError(f"{where}: mitigate: name the arm whose model it prunes (from:)")
+        if not isinstance(mitigate, Mapping):
+            raise ConfigError(f"{where}: mitigate: expected a mapping of settings")
+        if train or drop_where:
+            raise ConfigError(
+                f"{where}: a mitigate arm is not trained; move {sorted(train) or ['drop_where']} "
+                f"to arm {source!r} or to an arm that trains"
+            )
+        _refuse_harness_keys("mitigate", mitigate, f"{where}: mitigate")
     if not isinstance(drop_where, Mapping):
         raise ConfigError(f"{where}: drop_where: expected {{column: value}}, got {drop_where!r}")
     for column, value in drop_where.items():
@@ -267,7 +329,18 @@ def _arm(name: str, settings: Any, path: Path) -> Arm:
             )
         if isinstance(value, list | dict):
             raise ConfigError(f"{where}: drop_where: {column}: expected one value, got {value!r}")
-    return Arm(name, train, dict(drop_where))
+    return Arm(name, train, dict(drop_where), source, dict(mitigate or {}))
+
+
+def _check_sources(arms: tuple[Arm, ...], path: Path) -> None:
+    """Every `from` names an arm listed before its own (the runner trains them in order)."""
+    before: set[str] = set()
+    for arm in arms:
+        if arm.source is not None and arm.source not in before:
+            raise ConfigError(
+                f"{path}: arms.{arm.name}: from: {arm.source!r} is not an arm listed before it"
+            )
+        before.add(arm.name)
 
 
 def _figure(key: str, value: Any, path: Path) -> Figure:
@@ -304,10 +377,20 @@ def load_spec(path: str | Path) -> BenchSpec:
         judge=file.judge,
         figures=tuple(_figure(str(k), v, path) for k, v in file.figures.items()) or DEFAULT_FIGURES,
     )
+    _check_sources(spec.arms, path)
     # Every config once, with placeholder paths: a bad setting fails before any training.
-    spec.shapes_config(0, "DATA")
+    spec.shapes_config(0, PLACEHOLDER)
     for arm in spec.arms:
-        config, _ = spec.train_config(arm, 0, "DATA", "DATA/train", "RUN")
+        run = spec.run_dir("OUT", arm.name, 0)
+        if arm.mitigate:
+            spec.mitigate_config(arm, 0, PLACEHOLDER, run, None)
+            continue
+        try:
+            config, _ = spec.train_config(arm, 0, PLACEHOLDER, f"{PLACEHOLDER}/train", run)
+        except FileNotFoundError as missing:  # a file of the data, which is not built yet
+            if PLACEHOLDER not in str(missing):
+                raise
+            continue
         spec.judge_spec(config.resolution)
-    spec.audit_config("MODEL", "DATA", "AUDIT", None)
+    spec.audit_config("MODEL", PLACEHOLDER, "AUDIT", None)
     return spec

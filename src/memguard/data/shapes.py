@@ -11,7 +11,10 @@ loader that reads users' data reads this too:
 - ``concept_exemplars/``: the concept on other images, never trained on (the concept-extraction
   adversary and feature-mode projection use them).
 - ``prompts/``: the duplicated captions, a sample of ordinary captions and captions naming the
-  concept, one per line.
+  concept, one per line; and ``memorized.txt``, the planted duplicates as the images an
+  extraction attack aims at (one training image of each group, ``../train/NAME<TAB>caption`` a
+  line, the list format of `memguard.attacks.targets`; `memguard attack trigger --images` and
+  `memguard train --strategy adversarial --memorized` read it).
 - ``dataset.json``: the config and counts, the concept's kind, and ``"benchmark": "shapes"``,
   the declaration that makes `memguard audit` of a model trained on ``train/`` run the shapes
   plugin (`memguard.audit_plugins.shapes`).
@@ -66,6 +69,7 @@ SCENE_BACKGROUNDS = ((0, 110, 110), (120, 70, 30), (230, 150, 170), (60, 30, 90)
 
 CLASS_COLUMN = "class"  # --captions class: the shape's index, or a planted duplicate's own class
 BENCHMARK = "shapes"  # the name of the audit plugin this dataset declares in dataset.json
+MEMORIZED_FILE = "memorized.txt"  # under prompts/: the planted duplicates as attack targets
 # The fixed kind's concept (the logo's name, how captions name it, paraphrases that avoid it).
 CONCEPT = "the acme logo"
 CONCEPT_SUFFIX = ", with the acme logo"
@@ -464,6 +468,18 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
+def memorized_targets(train: list[Row], captions: str) -> list[str]:
+    """Lines of `prompts/memorized.txt`: the first training image of each duplicate group, in
+    the order of first appearance, with its caption when the data has captions."""
+    lines, seen = [], set()
+    for index, row in enumerate(train):
+        if row.duplicate_group >= 0 and row.duplicate_group not in seen:
+            seen.add(row.duplicate_group)
+            caption = f"\t{row.text}" if captions == "text" else ""
+            lines.append(f"../train/{index:05d}.png{caption}")
+    return lines
+
+
 def make_shapes_dataset(config: ShapesConfig) -> Path:
     """Write the benchmark under `config.output_dir` and return that path."""
     root = Path(config.output_dir)
@@ -495,6 +511,7 @@ def make_shapes_dataset(config: ShapesConfig) -> Path:
     _write_lines(root / "prompts" / "duplicated.txt", duplicated)
     _write_lines(root / "prompts" / "ordinary.txt", [plain[i] for i in sorted(picks)])
     _write_lines(root / "prompts" / "concept.txt", named)
+    _write_lines(root / "prompts" / MEMORIZED_FILE, memorized_targets(train, captions))
 
     summary = {
         "benchmark": BENCHMARK,  # the declaration that selects the audit's shapes plugin
