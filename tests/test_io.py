@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from helpers import make_tiny_stable_diffusion
+from memguard.config import MODEL_PRESETS
 from memguard.data.text import CLIPEncoder, load_text_encoder
 from memguard.io import atomic_path, load_model, write_json
-from memguard.models import build_unet, noise_scheduler
+from memguard.models import PRESETS, build_unet, build_unet2d, noise_scheduler
 
 
 def _bare_unet(folder: Path) -> Path:
@@ -60,3 +61,17 @@ def test_an_atomic_write_that_fails_leaves_the_old_file(tmp_path: Path) -> None:
         raise RuntimeError("killed")
     assert json.loads(path.read_text()) == {"old": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_every_preset_the_cli_offers_builds_both_kinds_of_unet(preset: str) -> None:
+    assert set(MODEL_PRESETS) == set(PRESETS)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 500])
+    text_unet = build_unet(preset, 16, cross_attention_dim=8)
+    assert text_unet(x, t, encoder_hidden_states=torch.randn(2, 4, 8)).sample.shape == x.shape
+    assert (
+        build_unet2d(preset, 16, num_classes=3)(
+            x, t, class_labels=torch.tensor([0, 3])
+        ).sample.shape
+        == x.shape
+    )

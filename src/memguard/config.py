@@ -162,6 +162,7 @@ QUALITY_FEATURES = ("auto", "inception", "plugin", "trained", "none")  # FID/KID
 
 IET_ONLY = ("num_proxies", "rounds", "shard_by", "redistribute")  # settings of --strategy iet
 
+MODEL_PRESETS = ("tiny", "compact", "bench", "small")  # memguard.models.PRESETS, by name
 # Settings of a from-scratch model that a pretrained pipeline brings itself (None: the default).
 FROM_SCRATCH_ONLY = ("model_preset", "num_train_timesteps", "beta_schedule", "prediction_type")
 SCRATCH_DEFAULTS = {
@@ -199,7 +200,7 @@ class TrainConfig:
     model_preset: str | None = option(
         None,
         "UNet preset when training from scratch (default: bench)",
-        choices=("tiny", "small", "bench"),
+        choices=MODEL_PRESETS,
     )
     text_encoder: str = option(
         "minilm",

@@ -3,9 +3,10 @@
 Presets are diffusers `UNet2DConditionModel` configs sized for a CPU, with cross-attention only
 at the lowest resolution (where attention is cheap) and in the mid block:
 
-    tiny   2 levels (16, 32) channels       tests: trains in seconds
-    bench  3 levels (32, 64, 64)            the benchmark: 16 px images, memorizes duplicates
-    small  3 levels (64, 128, 128)          32 px images
+    tiny     2 levels (16, 32) channels     tests: trains in seconds
+    compact  3 levels (16, 32, 64)          the benchmark at about half bench's step time
+    bench    3 levels (32, 64, 64)          the benchmark: 16 px images, memorizes duplicates
+    small    3 levels (64, 128, 128)        32 px images
 
 Without text (`--conditioning class|none`) a preset is a diffusers `UNet2DModel` of the same
 channels and levels, self-attention where the text preset has cross-attention, with one
@@ -35,6 +36,12 @@ PRESETS: dict[str, dict] = {
     },
     "bench": {
         "block_out_channels": (32, 64, 64),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "attention_head_dim": 32,
+    },
+    "compact": {
+        "block_out_channels": (16, 32, 64),
         "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         "attention_head_dim": 32,
