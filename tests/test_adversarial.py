@@ -17,6 +17,7 @@ from memguard import Trainer, cli
 from memguard.attacks.trigger import denoising_losses, draw, optimize_conditioning
 from memguard.config import ConfigError
 from memguard.data.folder import DataError, ImageFolderDataset
+from memguard.defenses import adversarial as adversarial_module
 from memguard.defenses.adversarial import SURROGATES_DIR, AdversarialFineTuning, read_memorized
 from memguard.defenses.registry import build_training
 from memguard.diffusion import per_sample_loss
@@ -237,3 +238,29 @@ def test_bad_input_is_an_error_naming_the_file(shapes_dir, start, listing, tmp_p
     config, defenses = build(max_text_length=16)
     with pytest.raises(ConfigError, match=r"give --max_text_length 8"):
         Trainer(config, defenses, progress=False).train()
+
+
+def test_a_surrogate_that_replicates_its_image_is_drawn_again(
+    shapes_dir: Path, start: Path, listing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DoRI's surrogate is what the mitigated model makes instead of the memorized image: where
+    the first noise still makes the image itself, the next noise's generation is taken."""
+    memorized = read_memorized(listing, 8).pixels.float() / 255
+    real = adversarial_module.generate
+
+    def replicate_at_the_first_noise(model, prompts, num_images, seed, *args):
+        if seed == 0:  # the run's seed: the generations are the memorized images
+            return memorized[: len(prompts)].clone()
+        return real(model, prompts, num_images, seed, *args)
+
+    monkeypatch.setattr(adversarial_module, "generate", replicate_at_the_first_noise)
+    settings = adversarial(start, listing, max_train_steps=1)
+    (record,) = train_tiny(shapes_dir / "train", tmp_path / "retried", **settings)["defenses"]
+    assert record["report"]["surrogate_seeds"] == [1, 1]
+    assert min(record["report"]["surrogate_rms_distance"]) >= 0.1
+    with pytest.warns(UserWarning, match="from each of 1 noises"):
+        once = train_tiny(
+            shapes_dir / "train", tmp_path / "once", **settings, adv_surrogate_tries=1
+        )
+    assert once["defenses"][0]["report"]["surrogate_seeds"] == [0, 0]
+    assert max(once["defenses"][0]["report"]["surrogate_rms_distance"]) < 1e-6

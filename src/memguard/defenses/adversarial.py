@@ -9,7 +9,10 @@ conditioning y, near the prompt's text states, under which the model denoises th
 image: the memory is still there. Adversarial fine-tuning trains it out, from a trained (plain or
 mitigated) model. Before the first step, each memorized image's *surrogate* is generated from its
 original prompt by the starting model: what the mitigated model makes instead of the memorized
-image. Then every call of `extra_loss` (one micro-batch of one optimizer step):
+image. A mitigation may stop only some of a prompt's generations, so the surrogate is the first
+generation, from the noise of seed, seed + 1, ... (`surrogate_tries`), that is not a replica
+of its image (RMS distance at least 0.1); where all are, the last is kept, with a warning.
+Then every call of `extra_loss` (one micro-batch of one optimizer step):
 
 1. draws `images` of the memorized images (`--memorized`: a list in the attack's target format,
    `memguard.attacks.targets`, every image with its prompt);
@@ -99,6 +102,11 @@ class AdversarialConfig:
         20, "adversarial: DPM-Solver++ steps of the surrogates' generation",
         flag="adv_surrogate_steps",
     )  # fmt: skip
+    surrogate_tries: int = option(
+        8, "adversarial: noises tried per prompt (seed, seed + 1, ...) for a surrogate that is "
+        "not a replica of its image (RMS distance >= 0.1); the first such is kept",
+        flag="adv_surrogate_tries",
+    )  # fmt: skip
     guidance_scale: float = option(
         3.0, "adversarial: guidance scale of the surrogates' generation",
         flag="adv_guidance_scale",
@@ -116,6 +124,7 @@ class AdversarialConfig:
             "adv_batch_size": self.batch_size,
             "adv_images": self.images,
             "adv_surrogate_steps": self.surrogate_steps,
+            "adv_surrogate_tries": self.surrogate_tries,
         }
         for flag, value in at_least_zero.items():
             if not value >= 0:
@@ -138,6 +147,11 @@ def read_memorized(path: str | Path, resolution: int) -> Targets:
             "tab and its prompt, or give an image folder with captions)"
         )
     return targets
+
+
+def _rms(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """RMS distance of two images in [0, 1] (the attack's `distance_threshold` scale)."""
+    return float((image.double() - reference.double()).square().mean().sqrt())
 
 
 def _seed(*key: int) -> int:
@@ -168,6 +182,7 @@ class AdversarialFineTuning(Defense):
         self._step, self._calls = -1, 0  # the step being run, extra_loss calls in it
         self.attacks = 0
         self.distances: list[float] = []  # RMS distance of each surrogate to its image
+        self.surrogate_seeds: list[int] = []  # the noise seed each surrogate was made from
         self._window: list[float] = [0.0, 0.0, 0.0]  # L_adv sum, trigger loss sum, calls
 
     @classmethod
@@ -192,44 +207,55 @@ class AdversarialFineTuning(Defense):
         self._states = ctx.text_encoder.encode(list(self.targets.prompts)).to(device)
 
     def _make_surrogates(self, model: nn.Module, ctx: TrainingContext) -> None:
-        """What the starting model makes for each original prompt (once, before any update)."""
+        """What the starting model makes for each original prompt (once, before any update):
+        the first generation, from the noise of seed, seed + 1, ... (`surrogate_tries` of
+        them), that is not a replica of its memorized image."""
         if ctx.step > 0:
             raise RuntimeError(
                 "adversarial fine-tuning: no surrogates at step > 0 (they come from the "
                 "starting model, and a checkpoint keeps them)"
             )
-        config = self.config
+        config, prompts = self.config, list(self.targets.prompts)
         wrapped = DiffusionModel(model, dict(ctx.scheduler.config), ctx.text_encoder, ctx.vae, {})
-        with torch.autocast(self._x0.device.type, enabled=False):
-            images = generate(
-                wrapped, list(self.targets.prompts), 1, self.seed, "dpm",
-                config.surrogate_steps, config.guidance_scale,
-            )  # fmt: skip
-        if images.shape[1:] != self.targets.pixels.shape[1:]:
-            raise ConfigError(
-                f"--memorized: images of {tuple(self.targets.pixels.shape[2:])} px, the model "
-                f"makes {tuple(images.shape[2:])}; give --resolution {images.shape[-1]}"
-            )
+        reference = self.targets.pixels.float() / 255
+        images, seeds = None, [self.seed] * len(prompts)
+        pending = list(range(len(prompts)))
+        for attempt in range(config.surrogate_tries):
+            with torch.autocast(self._x0.device.type, enabled=False):
+                made = generate(
+                    wrapped, [prompts[i] for i in pending], 1, self.seed + attempt, "dpm",
+                    config.surrogate_steps, config.guidance_scale,
+                ).cpu()  # fmt: skip
+            if images is None:
+                if made.shape[1:] != self.targets.pixels.shape[1:]:
+                    raise ConfigError(
+                        f"--memorized: images of {tuple(self.targets.pixels.shape[2:])} px, the "
+                        f"model makes {tuple(made.shape[2:])}; give --resolution {made.shape[-1]}"
+                    )
+                images = made
+            else:
+                images[pending] = made
+            for i in pending:
+                seeds[i] = self.seed + attempt
+            pending = [i for i in pending if _rms(images[i], reference[i]) < REPLICA_RMS]
+            if not pending:
+                break
+        self.distances = [_rms(image, ref) for image, ref in zip(images, reference, strict=True)]
+        self.surrogate_seeds = seeds
         with torch.no_grad():
             pixels = images.to(self._x0.device) * 2 - 1
             x0 = to_latents(ctx.vae, pixels) if ctx.vae is not None else pixels
         self.surrogates = x0.float().cpu()
-        reference = self.targets.pixels.float() / 255
-        rms = (images.cpu().double() - reference.double()).flatten(1).norm(dim=1)
-        self.distances = (rms / np.sqrt(reference[0].numel())).tolist()
-        close = [
-            n for n, d in zip(self.targets.names, self.distances, strict=True) if d < REPLICA_RMS
-        ]
-        if close:
+        if pending:
             warnings.warn(
                 f"adversarial fine-tuning: the starting model still makes (nearly) the memorized "
-                f"image for the prompt of {', '.join(close)} (RMS distance < {REPLICA_RMS}), so "
-                "L_adv trains towards it; mitigate the model first (memguard mitigate)",
+                f"image for the prompt of {', '.join(self.targets.names[i] for i in pending)} "
+                f"from each of {config.surrogate_tries} noises (RMS distance < {REPLICA_RMS}), "
+                "so L_adv trains towards it; mitigate the model first (memguard mitigate)",
                 stacklevel=2,
             )
         if self.output_dir is not None and ctx.group.rank == 0:
-            save_samples(images.cpu(), list(self.targets.prompts), 1, self.seed,
-                         self.output_dir / SURROGATES_DIR)  # fmt: skip
+            save_samples(images, prompts, 1, self.seed, self.output_dir / SURROGATES_DIR)
 
     def extra_loss(
         self, model: nn.Module, batch: dict, ctx: TrainingContext
@@ -281,6 +307,7 @@ class AdversarialFineTuning(Defense):
         return {
             "surrogates": self.surrogates,
             "distances": self.distances,
+            "surrogate_seeds": self.surrogate_seeds,
             "attacks": self.attacks,
             "names": list(self.targets.names),
         }
@@ -292,6 +319,7 @@ class AdversarialFineTuning(Defense):
                 f"lists {list(self.targets.names)}"
             )
         self.surrogates, self.distances = state["surrogates"], state["distances"]
+        self.surrogate_seeds = state.get("surrogate_seeds", [])  # not kept before 2026-12
         self.attacks = state["attacks"]
 
     def report(self) -> dict:
@@ -299,6 +327,7 @@ class AdversarialFineTuning(Defense):
             "paper": "Kowalczuk et al., arXiv 2507.16880 (adversarial fine-tuning)",
             "memorized": list(self.targets.names),
             "surrogate_rms_distance": self.distances,
+            "surrogate_seeds": self.surrogate_seeds,
             "surrogates": SURROGATES_DIR,
             "attacks": self.attacks,
         }
