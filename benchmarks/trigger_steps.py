@@ -9,7 +9,9 @@ times under captions shared with other images, with a budget of `--steps` and a 
 `--check_every`. Writes each attack's folder under `--output_dir` and `trigger_steps.json`: per
 group the targets recovered within the budget, the median and the least of the steps they
 needed (a target not recovered counts as more than the budget), and the ratio of the medians
-(a lower bound when the ordinary images' median is beyond the budget).
+(a lower bound when the ordinary images' median is beyond the budget). With `--locality`, DoRI's
+locality analysis of the memorized images' triggers too (`memguard attack trigger --locality`
+with the attack's own 50 steps, 4 Gaussian starts per image): its summary goes in.
 
     python benchmarks/trigger_steps.py runs/bench-dori/runs/nemo/seed-0 \\
         runs/bench-dori/data/seed-0 --output_dir runs/trigger_steps/seed-0
@@ -78,6 +80,10 @@ def main() -> None:
     parser.add_argument("--check_every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--locality", action="store_true",
+        help="also DoRI's locality analysis of the memorized images' triggers (4 Gaussian starts)",
+    )  # fmt: skip
     args = parser.parse_args()
     data, output = Path(args.data), Path(args.output_dir)
     memorized = data / "prompts" / MEMORIZED_FILE
@@ -91,6 +97,14 @@ def main() -> None:
             check_every=args.check_every, seed=args.seed, device=args.device,
         )  # fmt: skip
         summary[name] = summarize(run_trigger_attack(config), args.steps)
+    if args.locality:  # the attack as the audit runs it (50 steps), from 4 Gaussian starts
+        config = TriggerConfig(
+            model=args.model, images=str(memorized), output_dir=str(output / "locality"),
+            train_data_dir=str(data / "train"), seed=args.seed, device=args.device,
+            locality=True,
+        )  # fmt: skip
+        locality = run_trigger_attack(config)["locality"]
+        summary["locality"] = {key: locality[key] for key in ("starts", "recovered", "summary")}
     record = {"model": args.model, "data": str(data), "settings": vars(args), **summary,
               **median_ratio(summary["ordinary"], summary["memorized"])}  # fmt: skip
     write_json(output / RESULTS, record)
