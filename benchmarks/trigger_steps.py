@@ -7,8 +7,8 @@ model: on the planted duplicates (`prompts/memorized.txt` of the data) and on as
 training images (the first in the training folder, without the concept), each seen about 135
 times under captions shared with other images, with a budget of `--steps` and a check every
 `--check_every`. Writes each attack's folder under `--output_dir` and `trigger_steps.json`: per
-group the targets recovered within the budget, the median and the least of the steps they
-needed (a target not recovered counts as more than the budget), and the ratio of the medians
+group the targets recovered within the budget and the median of the steps they needed (a
+target not recovered counts as more than the budget), and the ratio of the medians
 (a lower bound when the ordinary images' median is beyond the budget). With `--locality`, DoRI's
 locality analysis of the memorized images' triggers too (`memguard attack trigger --locality`
 with the attack's own 50 steps, 4 Gaussian starts per image): its summary goes in.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -45,17 +46,14 @@ def ordinary_targets(data: Path, count: int, output: Path) -> Path:
 
 
 def summarize(results: dict, budget: int) -> dict:
-    """Recovered within the budget, and the steps needed (None: not within the budget)."""
+    """Recovered within the budget, and the steps needed (None: beyond the budget)."""
     steps = [row["steps_to_replicate"] for row in results["targets"]]
-    needed = sorted(s if s is not None else float("inf") for s in steps)
-    median = statistics.median(needed)
+    median = statistics.median(math.inf if s is None else s for s in steps)
     return {
         "targets": len(steps),
         "recovered": sum(s is not None for s in steps),
         "steps_to_replicate": steps,
-        "median_steps": None if median == float("inf") else median,
-        "median_above_budget": median == float("inf"),
-        "min_steps": None if needed[0] == float("inf") else needed[0],
+        "median_steps": None if median == math.inf else median,
         "budget": budget,
     }
 
@@ -66,7 +64,7 @@ def median_ratio(ordinary: dict, memorized: dict) -> dict:
     below, above = memorized["median_steps"], ordinary["median_steps"]
     if not below:  # none recovered, or the prompt's own states already replicate (0 steps)
         return {"median_ratio": None, "median_ratio_is_lower_bound": False}
-    if ordinary["median_above_budget"]:
+    if above is None:
         return {"median_ratio": ordinary["budget"] / below, "median_ratio_is_lower_bound": True}
     return {"median_ratio": above / below, "median_ratio_is_lower_bound": False}
 

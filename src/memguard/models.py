@@ -27,31 +27,23 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2D
 
 from memguard.config import ConfigError
 
+
+def _cross_attention_last(channels: tuple[int, ...], attention_head_dim: int) -> dict:
+    """A layout of len(channels) levels, cross-attention only at the lowest (and mid block)."""
+    plain = len(channels) - 1
+    return {
+        "block_out_channels": channels,
+        "down_block_types": ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",),
+        "up_block_types": ("CrossAttnUpBlock2D",) + ("UpBlock2D",) * plain,
+        "attention_head_dim": attention_head_dim,
+    }
+
+
 PRESETS: dict[str, dict] = {
-    "tiny": {
-        "block_out_channels": (16, 32),
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-        "attention_head_dim": 8,
-    },
-    "bench": {
-        "block_out_channels": (32, 64, 64),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "attention_head_dim": 32,
-    },
-    "compact": {
-        "block_out_channels": (16, 32, 64),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "attention_head_dim": 32,
-    },
-    "small": {
-        "block_out_channels": (64, 128, 128),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "attention_head_dim": 32,
-    },
+    "tiny": _cross_attention_last((16, 32), 8),
+    "compact": _cross_attention_last((16, 32, 64), 32),
+    "bench": _cross_attention_last((32, 64, 64), 32),
+    "small": _cross_attention_last((64, 128, 128), 32),
 }
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -217,29 +217,31 @@ class AdversarialFineTuning(Defense):
             )
         config, prompts = self.config, list(self.targets.prompts)
         wrapped = DiffusionModel(model, dict(ctx.scheduler.config), ctx.text_encoder, ctx.vae, {})
-        reference = self.targets.pixels.float() / 255
-        images, seeds = None, [self.seed] * len(prompts)
-        pending = list(range(len(prompts)))
-        for attempt in range(config.surrogate_tries):
+
+        def made(indices: list[int], seed: int) -> torch.Tensor:
             with torch.autocast(self._x0.device.type, enabled=False):
-                made = generate(
-                    wrapped, [prompts[i] for i in pending], 1, self.seed + attempt, "dpm",
+                return generate(
+                    wrapped, [prompts[i] for i in indices], 1, seed, "dpm",
                     config.surrogate_steps, config.guidance_scale,
                 ).cpu()  # fmt: skip
-            if images is None:
-                if made.shape[1:] != self.targets.pixels.shape[1:]:
-                    raise ConfigError(
-                        f"--memorized: images of {tuple(self.targets.pixels.shape[2:])} px, the "
-                        f"model makes {tuple(made.shape[2:])}; give --resolution {made.shape[-1]}"
-                    )
-                images = made
-            else:
-                images[pending] = made
-            for i in pending:
-                seeds[i] = self.seed + attempt
+
+        images = made(list(range(len(prompts))), self.seed)
+        if images.shape[1:] != self.targets.pixels.shape[1:]:
+            raise ConfigError(
+                f"--memorized: images of {tuple(self.targets.pixels.shape[2:])} px, the model "
+                f"makes {tuple(images.shape[2:])}; give --resolution {images.shape[-1]}"
+            )
+        reference = self.targets.pixels.float() / 255
+        seeds = [self.seed] * len(prompts)
+        pending = list(range(len(prompts)))  # those whose surrogate is still a replica
+        for seed in range(self.seed + 1, self.seed + config.surrogate_tries):
             pending = [i for i in pending if _rms(images[i], reference[i]) < REPLICA_RMS]
             if not pending:
                 break
+            images[pending] = made(pending, seed)
+            for i in pending:
+                seeds[i] = seed
+        pending = [i for i in pending if _rms(images[i], reference[i]) < REPLICA_RMS]
         self.distances = [_rms(image, ref) for image, ref in zip(images, reference, strict=True)]
         self.surrogate_seeds = seeds
         with torch.no_grad():
