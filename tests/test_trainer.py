@@ -4,6 +4,7 @@ accumulate to the same weights; bad input stops cleanly; output loads with diffu
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def test_output_folder_loads_with_diffusers(shapes_dir: Path, tmp_path: Path) ->
     assert metadata["seed"] == 0 and metadata["global_step"] == 6
     assert metadata["text_encoder"] == {"name": "minilm", "max_length": 8}
     assert {"torch", "diffusers", "accelerate"} <= metadata["versions"].keys()
+    peak_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    assert 100 * 2**20 < metadata["peak_memory"]["resident_bytes"] <= peak_now  # torch alone
     assert (tmp_path / "out" / "scheduler_config.json").is_file()
     log = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == [2, 4, 6]

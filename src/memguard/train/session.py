@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,15 @@ def versions() -> dict[str, str]:
         "accelerate": accelerate.__version__,
         "transformers": transformers.__version__,
     }
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """This process's peak memory so far: resident (Linux reports kilobytes) and, on a GPU,
+    what torch allocated there."""
+    peak = {"resident_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peak["cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
 
 
 class Session:
@@ -196,6 +206,7 @@ class Session:
                 "global_step": self.done,
                 "train_seconds": self.resumed.get("train_seconds", 0.0) + self._loop_seconds,
                 "final_loss": self.last_loss,
+                "peak_memory": peak_memory(self.device),
                 "num_processes": self.world.size,
                 "defenses": records,
                 **(extra or {}),
