@@ -40,6 +40,22 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return output, _bench(SMOKE, output)
 
 
+def test_bench_trains_and_audits_an_unconditional_grid(tmp_path: Path) -> None:
+    """Data without captions and --conditioning none: the runs read no caption column."""
+    smoke = yaml.safe_load(SMOKE.read_text())
+    smoke["base"]["conditioning"] = "none"
+    smoke["data"]["captions"] = "none"
+    smoke["arms"] = {"plain": {}}
+    smoke["seeds"] = [0]
+    spec = tmp_path / "unconditional.yaml"
+    spec.write_text(yaml.safe_dump(smoke))
+    (run,) = _bench(spec, tmp_path / "out")["runs"]
+    assert run["train"] == "trained" and run["audit"] == "audited"
+    metadata = json.loads((tmp_path / "out/runs/plain/seed-0/memguard.json").read_text())
+    assert metadata["conditioning"] == {"kind": "none"}
+    assert run["figures"]["replication.by_prompt_kind.unconditional.generations"] > 0
+
+
 def test_bench_writes_every_run_and_figure(grid) -> None:
     output, bench = grid
     runs = {(run["arm"], run["seed"]): run for run in bench["runs"]}

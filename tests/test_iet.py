@@ -281,9 +281,12 @@ def test_lora_proxies_average_their_adapters_over_one_base(shapes_dir, pipeline_
     assert changed and all(k.endswith(targets) for k in changed), sorted(changed)
 
 
-def test_the_bench_spec_compares_arms_on_equal_sample_budgets() -> None:
+@pytest.mark.parametrize(
+    ("name", "conditioning"), [("iet.yaml", "text"), ("iet_unconditional.yaml", "none")]
+)
+def test_the_bench_specs_compare_arms_on_equal_sample_budgets(name: str, conditioning: str) -> None:
     configs = Path(__file__).resolve().parents[1] / "configs"
-    spec = load_spec(configs / "bench" / "iet.yaml")
+    spec = load_spec(configs / "bench" / name)
     base = yaml.safe_load((configs / "benchmark.yaml").read_text())
     assert [arm.name for arm in spec.arms] == ["plain", "agc", "iet", "iet_agc", "iet_agc_plus"]
     assert spec.seeds == (0, 1, 2)
@@ -291,6 +294,7 @@ def test_the_bench_spec_compares_arms_on_equal_sample_budgets() -> None:
     for arm in spec.arms:
         config, defenses = spec.train_config(arm, 0, "/d", "/d/train", "/runs/arm")
         budgets.add(config.max_train_steps * config.train_batch_size)
+        assert config.conditioning == conditioning
         if arm.name == "iet_agc_plus":
             assert [d.name for d in defenses] == ["agc", "taa"] and config.redistribute == 0.2
     assert budgets == {base["max_train_steps"] * base["train_batch_size"]}

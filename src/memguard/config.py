@@ -362,6 +362,11 @@ class TrainConfig:
         """iet: the optimizer steps each proxy trains in a round."""
         return self.max_train_steps // (self.num_proxies * self.rounds)
 
+    @property
+    def captions_read(self) -> str | None:
+        """The caption column the run reads from the metadata: none without text."""
+        return self.caption_column if self.conditioning == "text" else None
+
     def scratch(self, key: str):
         """A from-scratch setting, its default when not given."""
         value = getattr(self, key)

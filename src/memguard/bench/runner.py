@@ -96,7 +96,7 @@ def train_arm(spec: BenchSpec, arm: Arm, seed: int, data: Path, run_dir: Path, b
     if arm.drop_where:
         train_dir = drop_rows(train_dir, arm.drop_where)
     config, defenses = spec.train_config(arm, seed, data, train_dir, run_dir)
-    records = read_metadata(train_dir, config.image_column, config.caption_column)
+    records = read_metadata(train_dir, config.image_column, config.captions_read)
     data_sha256 = fingerprint(records)
     source = source_sha256(spec, arm, seed, run_dir) if arm.source else None
     plan = plan_training(config, defenses, data_sha256, source)

@@ -125,9 +125,8 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
     UNet from scratch, a Stable Diffusion pipeline's UNet (full or LoRA), or a trained UNet
     folder's (a plain or a mitigated model, fine-tuned). Without text, a preset `UNet2DModel`
     and a folder that needs no caption column."""
-    captions = config.caption_column if config.conditioning == "text" else None
     dataset = ImageFolderDataset(
-        config.train_data_dir, config.resolution, config.image_column, captions
+        config.train_data_dir, config.resolution, config.image_column, config.captions_read
     )
     if config.conditioning != "text":
         return _build_untexted(config, dataset, device)
