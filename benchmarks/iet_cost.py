@@ -12,6 +12,7 @@ memory is its own. For each it reads the run's `memguard.json`: the training loo
 on a GPU also what torch allocated there). Writes JSON with the medians and the ratios to plain.
 
     python benchmarks/iet_cost.py --output runs/iet_cost.json
+    python benchmarks/iet_cost.py --arms plain iet --steps 160 --output runs/iet_cost_iet.json
 """
 
 from __future__ import annotations
@@ -57,10 +58,14 @@ def main() -> None:
     parser.add_argument("--num_proxies", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--arms", nargs="+", default=["plain", "iet", "iet_agc_plus"])
     parser.add_argument("--output", default="runs/iet_cost.json")
     args = parser.parse_args()
 
-    flags = arms(args.num_proxies, args.rounds)
+    flags = {name: extra for name, extra in arms(args.num_proxies, args.rounds).items()
+             if name in args.arms}  # fmt: skip
+    if "plain" not in flags:
+        parser.error("--arms: the ratios need plain")
     runs: dict[str, list[dict]] = {name: [] for name in flags}
     with tempfile.TemporaryDirectory() as tmp:
         data = make_shapes_dataset(ShapesConfig(output_dir=f"{tmp}/data")) / "train"
