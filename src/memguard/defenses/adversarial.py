@@ -241,8 +241,8 @@ class AdversarialFineTuning(Defense):
             images[pending] = made(pending, seed)
             for i in pending:
                 seeds[i] = seed
-        pending = [i for i in pending if _rms(images[i], reference[i]) < REPLICA_RMS]
         self.distances = [_rms(image, ref) for image, ref in zip(images, reference, strict=True)]
+        pending = [i for i in pending if self.distances[i] < REPLICA_RMS]
         self.surrogate_seeds = seeds
         with torch.no_grad():
             pixels = images.to(self._x0.device) * 2 - 1
