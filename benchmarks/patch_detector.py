@@ -46,13 +46,14 @@ def logo_weights(row: dict, size: int) -> torch.Tensor:
     return torch.from_numpy(weight / weight.max())
 
 
-def measure(root: Path, resolution: int, seed: int, steps: int, grow: int) -> dict:
+def measure(root: Path, resolution: int, seed: int, steps: int, local_mean: int, grow: int) -> dict:
     kind = dataset_concept_kind(root)
     source = ExemplarSource(str(root / "concept_exemplars"), str(root / "train"), resolution, seed)
     projection = PatchProjection(
         (kind.concept,),
         source.exemplars,
         detector_steps=steps,
+        local_mean=local_mean,
         grow=grow,
         min_recall=0.0,
         source=source,
@@ -95,11 +96,16 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="the training run's seed")
     parser.add_argument("--detector_steps", type=int, default=400)
+    parser.add_argument(
+        "--local_mean", type=int, default=5, help="--projection_detector_local_mean (0: off)"
+    )
     parser.add_argument("--grow", type=int, default=2, help="--projection_footprint_grow")
     parser.add_argument("--output", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
     results = {
-        str(root): measure(root, args.resolution, args.seed, args.detector_steps, args.grow)
+        str(root): measure(
+            root, args.resolution, args.seed, args.detector_steps, args.local_mean, args.grow
+        )
         for root in args.data
     }
     text = json.dumps(results, indent=2)

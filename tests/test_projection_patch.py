@@ -43,6 +43,19 @@ def marked_images(count: int, seed: int, with_mark: bool) -> tuple[torch.Tensor,
     return images, where
 
 
+def test_the_detector_scores_a_pattern_alike_on_every_background() -> None:
+    """It sees each image minus its local mean: a pattern scores the same on a black, grey or
+    white background, and uniform images score alike whatever their colour."""
+    torch.manual_seed(0)
+    backgrounds = torch.linspace(-1, 1, 5).view(5, 1, 1, 1).expand(5, 3, 12, 12)
+    pattern = marked_images(1, seed=0, with_mark=True)[0] * 0.3
+    for images in (backgrounds, backgrounds + pattern):
+        scores = PatchDetector(3)(images)
+        assert torch.allclose(scores, scores[:1].expand_as(scores), atol=1e-5)
+        raw = PatchDetector(3, local_mean=0)(images)
+        assert not torch.allclose(raw, raw[:1].expand_as(raw), atol=1e-3)
+
+
 def test_the_detector_finds_a_mark_wherever_it_is() -> None:
     exemplars, _ = marked_images(48, seed=0, with_mark=True)
     anchors, _ = marked_images(192, seed=1, with_mark=False)
@@ -51,9 +64,11 @@ def test_the_detector_finds_a_mark_wherever_it_is() -> None:
     new, where = marked_images(32, seed=2, with_mark=True)
     found = footprints(fit.detector, new, fit.threshold, grow=1)
     assert found[where].float().mean() > 0.95  # the mark is covered
-    assert found.float().mean() < 0.35  # and little else (the mark with a 1-pixel rim: 17%)
+    # and little else: the mark, the 2 pixels around it whose local mean it changes, and the
+    # 1-pixel rim are 9 x 9 of the 12 x 12 positions (56%)
+    assert found.float().mean() < 0.56
     plain, _ = marked_images(64, seed=3, with_mark=False)
-    assert footprints(fit.detector, plain, fit.threshold).flatten(1).any(1).float().mean() < 0.1
+    assert footprints(fit.detector, plain, fit.threshold).flatten(1).any(1).float().mean() < 0.15
 
 
 def test_patch_mode_projects_each_images_own_footprint() -> None:

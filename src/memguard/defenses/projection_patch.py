@@ -52,6 +52,11 @@ class PatchProjectionConfig:
         400, "projection, patch mode: training steps of the patch detector that finds the "
         "concept in each image", flag="projection_detector_steps",
     )  # fmt: skip
+    local_mean: int = option(
+        5, "projection, patch mode: the detector sees each image minus its mean over this odd "
+        "square of positions around each one, so that it scores patterns rather than the "
+        "background's colour (0: the image as it is)", flag="projection_detector_local_mean",
+    )  # fmt: skip
     grow: int = option(
         2, "projection, patch mode: pixels (or latent positions) each found footprint is grown "
         "by on every side", flag="projection_footprint_grow",
@@ -69,6 +74,8 @@ class PatchProjectionConfig:
             raise ConfigError("concept_exemplars: --projection_mode patch needs a folder")
         if self.detector_steps < 1:
             raise ConfigError("projection_detector_steps: must be >= 1")
+        if self.local_mean < 0 or self.local_mean % 2 == 0 and self.local_mean != 0:
+            raise ConfigError("projection_detector_local_mean: must be 0 or an odd size")
         if self.grow < 0:
             raise ConfigError("projection_footprint_grow: must be >= 0")
         if not 0 <= self.min_recall <= 1:
@@ -90,6 +97,7 @@ class PatchProjection(PredictionGuard):
         concept: tuple[str, ...] = (),
         exemplars: str | None = None,
         detector_steps: int = 400,
+        local_mean: int = 5,
         grow: int = 2,
         min_recall: float = 0.8,
         max_removed: float = 0.75,
@@ -100,12 +108,13 @@ class PatchProjection(PredictionGuard):
         super().__init__(max_removed)
         if detector is None:
             self.config = PatchProjectionConfig(
-                concept, exemplars, detector_steps, grow, min_recall, max_removed
+                concept, exemplars, detector_steps, local_mean, grow, min_recall, max_removed
             )
             if source is None:
                 raise ValueError("patch mode needs a `detector` or a `source` of exemplars")
         self.concepts, self.source = tuple(concept), source
-        self.detector_steps, self.grow, self.min_recall = detector_steps, grow, min_recall
+        self.detector_steps, self.local_mean = detector_steps, local_mean
+        self.grow, self.min_recall = grow, min_recall
         self.detector, self.threshold = detector, threshold
         self.recall: float | None = None  # the detector's, on held-out exemplars
         self.coverage: float | None = None  # mean share of a held-out exemplar it marks
@@ -115,8 +124,8 @@ class PatchProjection(PredictionGuard):
     def for_run(cls, config: PatchProjectionConfig, run) -> PatchProjection:
         source = ExemplarSource(config.exemplars, run.train_data_dir, run.resolution, run.seed)
         return cls(
-            config.concept, config.exemplars, config.detector_steps, config.grow,
-            config.min_recall, config.max_removed, source=source,
+            config.concept, config.exemplars, config.detector_steps, config.local_mean,
+            config.grow, config.min_recall, config.max_removed, source=source,
         )  # fmt: skip
 
     def prepare(self, ctx: TrainingContext | None) -> None:
@@ -128,7 +137,10 @@ class PatchProjection(PredictionGuard):
             self.source, self.concepts, ctx, with_anchors=True,
             anchors_per_exemplar=ANCHORS_PER_EXEMPLAR,
         )  # fmt: skip
-        fit = fit_patch_detector(concept.x0, anchor.x0, self.detector_steps, seed=self.source.seed)
+        fit = fit_patch_detector(
+            concept.x0, anchor.x0, self.detector_steps, seed=self.source.seed,
+            local_mean=self.local_mean,
+        )  # fmt: skip
         self.detector, self.threshold = fit.detector, fit.threshold
         self.recall, self.coverage = fit.recall, fit.coverage
         if fit.recall < self.min_recall:
@@ -180,7 +192,12 @@ class PatchProjection(PredictionGuard):
         detector = self.detector
         return {
             "detector": {k: v.cpu() for k, v in detector.state_dict().items()},
-            "detector_shape": (detector.channels, detector.width, detector.depth),
+            "detector_shape": (
+                detector.channels,
+                detector.width,
+                detector.depth,
+                detector.local_mean,
+            ),
             "threshold": self.threshold,
             "recall": self.recall,
             "coverage": self.coverage,
