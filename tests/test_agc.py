@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 from helpers import tiny_config, tiny_run
 from memguard import Trainer
 from memguard.config import ConfigError
+from memguard.data.folder import read_metadata
 from memguard.defenses import AntiGradientControl, TrainingContext, weighted_mean
 from memguard.defenses.registry import build_training
 from test_trainer import assert_same_weights
@@ -110,3 +114,26 @@ def test_settings_build_the_named_defense_and_nothing_else() -> None:
         build_training({"train_data_dir": "d", "agc_gamma": 1.25}, source="run.yaml")
     with pytest.raises(ConfigError, match=r"agc_gamma: must be positive"):
         build_training({"train_data_dir": "d", "defense": ["agc"], "agc_gamma": 0})
+
+
+def test_agc_skips_tallies_the_most_skipped_samples_by_their_metadata(shapes_dir: Path, tmp_path):
+    """`benchmarks/agc_skips.py` (README: IET-AGC+ on the benchmark) reads a run's AGC report and
+    counts its most-skipped samples by the training metadata's `kind`."""
+    config, (agc,) = tiny_run(
+        shapes_dir / "train", tmp_path / "agc", defense=("agc",), agc_gamma=1.0,
+        num_train_timesteps=10, max_train_steps=20,
+    )  # fmt: skip
+    Trainer(config, [agc]).train()
+    report = agc.report()
+    kinds = [row.columns["kind"] for row in read_metadata(shapes_dir / "train")]
+    expected = Counter(kinds[entry["index"]] for entry in report["most_skipped"])
+    script = Path(__file__).parents[1] / "benchmarks" / "agc_skips.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "agc"), "--output", str(tmp_path / "s.json")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    (figures,) = json.loads((tmp_path / "s.json").read_text()).values()
+    assert json.loads(done.stdout) == json.loads((tmp_path / "s.json").read_text())
+    assert report["samples_skipped"] > 0 and figures["most_skipped_by_value"] == dict(expected)
+    assert figures["skip_rate"] == pytest.approx(report["skip_rate"])
+    assert sum(figures["training_set_share_by_value"].values()) == pytest.approx(1.0)
