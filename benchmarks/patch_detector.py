@@ -5,8 +5,9 @@ trained exactly as `memguard train --projection_mode patch` trains it (the exemp
 four times as many training images whose captions name no concept, seeded by the run's seed),
 then run over every training image. Reported: its held-out recall and threshold, the share of
 the concept's training images in which it finds anything, the share of the other images in
-which it finds something (each such image loses part of its signal for nothing), the mean share
-of positions its footprints cover, and, where the data records where the concept is (the moving
+which it finds something (each such image loses part of its signal for nothing), the share of
+the concept's images found on each background colour, the mean share of positions its
+footprints cover, and, where the data records where the concept is (the moving
 logo's `logo_x`, `logo_y`, `logo_scale`, `logo_angle`), the share of the logo the footprints
 cover (pixels weighted by how much of each the logo paints) and the share of logos whose every
 pixel more than half painted is covered.
@@ -79,6 +80,13 @@ def measure(root: Path, resolution: int, seed: int, steps: int, local_mean: int,
         "footprint_share_concept_images": float(found[has_concept].float().mean()),
         "footprint_share_other_images": float(found[~has_concept].float().mean()),
     }
+    background = [row.get("background") for row in rows]
+    found_by_background = {}
+    for shade in sorted({b for b in background if b}):
+        on_it = has_concept & torch.tensor([b == shade for b in background])
+        if on_it.any():
+            found_by_background[shade] = float(any_found[on_it].float().mean())
+    result["concept_images_found_by_background"] = found_by_background
     if "logo_x" in kind.columns:
         covered, whole = [], []
         for i in torch.nonzero(has_concept).flatten().tolist():
