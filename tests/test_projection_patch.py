@@ -184,3 +184,10 @@ def test_its_settings_are_checked(shapes_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="projection_min_recall: the patch detector found"):
         Trainer(config, [projection]).train()
     assert not (tmp_path / "x" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_a_detector_saved_before_the_local_mean_is_refused() -> None:
+    state = PatchProjection(detector=PatchDetector(3), threshold=0.0).state_dict()
+    state["detector_shape"] = state["detector_shape"][:3]  # as saved before `local_mean`
+    with pytest.raises(ValueError, match="saw raw pixels; it cannot be resumed"):
+        PatchProjection(detector=PatchDetector(3)).load_state_dict(state)

@@ -205,6 +205,11 @@ class PatchProjection(PredictionGuard):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if len(state["detector_shape"]) != 4:
+            raise ValueError(
+                "this checkpoint's patch detector was saved by a memguard whose detector saw raw "
+                "pixels; it cannot be resumed as it was: start the run again"
+            )
         self.detector = PatchDetector(*state["detector_shape"])
         self.detector.load_state_dict(state["detector"])
         self.detector.eval().requires_grad_(False)
