@@ -18,13 +18,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from memguard import io
 from memguard.data.folder import read_metadata
 
 
-def agc_reports(run: Path) -> list[dict]:
-    """Every AGC report of the run (one per IET proxy, or the run's one)."""
-    metadata = json.loads((run / "memguard.json").read_text())
-    for defense in metadata["defenses"]:
+def agc_reports(run: Path, metadata: dict) -> list[dict]:
+    """Every AGC report of the run's `metadata` (one per IET proxy, or the run's one)."""
+    for defense in metadata.get("defenses", []):
         if defense["name"] == "agc":
             report = defense["report"]
             return report.get("proxies", [report])
@@ -32,10 +32,12 @@ def agc_reports(run: Path) -> list[dict]:
 
 
 def tally(run: Path, column: str) -> dict:
-    metadata = json.loads((run / "memguard.json").read_text())
+    metadata = io.read_metadata(run)
+    if not metadata:
+        raise SystemExit(f"{run}: no memguard.json (not a finished memguard run)")
     train = metadata["data"]["train_data_dir"]
     values = [record.columns.get(column) for record in read_metadata(train, caption_column=None)]
-    reports = agc_reports(run)
+    reports = agc_reports(run, metadata)
     most = [values[entry["index"]] for report in reports for entry in report["most_skipped"]]
     seen = sum(report["samples_seen"] for report in reports)
     return {
@@ -57,11 +59,10 @@ def main() -> None:
     parser.add_argument("--column", default="kind", help="metadata column to tally by")
     parser.add_argument("--output", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
-    text = json.dumps({str(run): tally(run, args.column) for run in args.runs}, indent=2)
-    print(text)
+    results = {str(run): tally(run, args.column) for run in args.runs}
+    print(json.dumps(results, indent=2))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+        io.write_json(args.output, results)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from memguard import io
 from memguard.data.folder import ImageFolderDataset, read_metadata
 from memguard.data.shapes import dataset_concept_kind, logo_side, paint_logo
 from memguard.data.text import MiniLMEncoder
@@ -116,11 +117,9 @@ def main() -> None:
         )
         for root in args.data
     }
-    text = json.dumps(results, indent=2)
-    print(text)
+    print(json.dumps(results, indent=2))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+        io.write_json(args.output, results)
 
 
 if __name__ == "__main__":
