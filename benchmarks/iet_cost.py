@@ -27,6 +27,7 @@ from pathlib import Path
 
 from memguard.config import ShapesConfig
 from memguard.data.shapes import make_shapes_dataset
+from memguard.io import write_json
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "benchmark.yaml"
 
@@ -93,8 +94,7 @@ def main() -> None:
             if name != "plain"
         },
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(json.dumps({key: result[key] for key in ("medians", "ratio_to_plain")}, indent=2))
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from memguard.config import CONCEPT_KINDS
+from memguard.io import write_json
 from memguard.metrics.judge import JudgeSpec, accuracies, judge_data, train_judge
 
 
@@ -53,8 +54,7 @@ def main() -> None:
         result[kind] = {"spec": dataclasses.asdict(spec), **measure(spec, args.extra)}
         print(kind, json.dumps({k: v for k, v in result[kind].items() if k != "spec"}), flush=True)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.output, result)
 
 
 if __name__ == "__main__":

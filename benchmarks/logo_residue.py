@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from memguard.data.shapes import CONCEPT, LOGO_COLORS, LOGO_PATTERN, stamp_logo
+from memguard.io import write_json
 
 SIZE = 16
 
@@ -91,7 +92,7 @@ def main() -> None:
             },
         }
         print(arm, json.dumps(result[arm]))
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

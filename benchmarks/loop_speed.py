@@ -36,6 +36,7 @@ from memguard.data.folder import ImageFolderDataset
 from memguard.data.shapes import make_shapes_dataset
 from memguard.data.text import CaptionEmbeddings, MiniLMEncoder
 from memguard.defenses.registry import build_training
+from memguard.io import write_json
 from memguard.models import build_unet, noise_scheduler
 from memguard.train.trainer import Trainer
 
@@ -146,8 +147,7 @@ def main() -> None:
         result["defense_step_time_overhead_median_of_pairs"] = statistics.median(
             r["defended_seconds"] / r["ours_seconds"] - 1.0 for r in runs
         )
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 
 

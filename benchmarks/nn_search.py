@@ -15,7 +15,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -67,8 +66,9 @@ def main() -> None:
         "runs": runs,
         "max_peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    from memguard.io import write_json  # here, not at the top: the children measured stay lean
+
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

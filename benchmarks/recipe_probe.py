@@ -35,7 +35,7 @@ import torch
 from memguard.config import AuditConfig
 from memguard.data.folder import ImageFolderDataset
 from memguard.data.shapes import BACKGROUNDS
-from memguard.io import DiffusionModel, load_model
+from memguard.io import DiffusionModel, load_model, write_json
 from memguard.metrics.judge import JudgeSpec, load_judge
 from memguard.metrics.quality import attribute_accuracy, caption_attributes
 from memguard.metrics.replication import gu_replication
@@ -122,7 +122,7 @@ def main() -> None:
     result = probe(args.model, args.data, args.guidance_scale)
     scale = "" if args.guidance_scale == AUDIT_GUIDANCE else f"-g{args.guidance_scale:g}"
     name = "recipe_probe" + scale
-    (args.model / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.model / f"{name}.json", result)
     print(json.dumps(result, indent=2))
 
 
