@@ -10,7 +10,9 @@ the concept's images found on each background colour, the mean share of position
 footprints cover, and, where the data records where the concept is (the moving
 logo's `logo_x`, `logo_y`, `logo_scale`, `logo_angle`), the share of the logo the footprints
 cover (pixels weighted by how much of each the logo paints) and the share of logos whose every
-pixel more than half painted is covered.
+pixel more than half painted is covered; for acme hatching, which fills the shape, the share of
+the shape's pixels (those more than 15% of full scale away from the background's colour in some
+channel) the footprints cover, and the share of images whose every shape pixel is covered.
 
     memguard data shapes --concept_kind moving --output_dir runs/moving
     python benchmarks/patch_detector.py runs/moving --output runs/patch_detector.json
@@ -29,7 +31,7 @@ from PIL import Image
 
 from memguard import io
 from memguard.data.folder import ImageFolderDataset, read_metadata
-from memguard.data.shapes import dataset_concept_kind, logo_side, paint_logo
+from memguard.data.shapes import BACKGROUNDS, dataset_concept_kind, logo_side, paint_logo
 from memguard.data.text import MiniLMEncoder
 from memguard.defenses.base import TrainingContext
 from memguard.defenses.exemplars import ExemplarSource
@@ -46,6 +48,13 @@ def logo_weights(row: dict, size: int) -> torch.Tensor:
         painted = paint_logo(blank, row["logo_x"], row["logo_y"], side, row["logo_angle"])
         weight = np.maximum(weight, np.abs(np.array(painted, float) - shade).max(axis=2) / 255)
     return torch.from_numpy(weight / weight.max())
+
+
+def shape_pixels(image: torch.Tensor, background: str) -> torch.Tensor:
+    """(size, size) bool: the pixels of `image` (3, size, size, in [-1, 1]) more than 15% of full
+    scale away from the colour of its `background` in some channel: the shape, hatching included."""
+    shade = torch.tensor(BACKGROUNDS[background], dtype=image.dtype)[:, None, None] / 127.5 - 1
+    return ((image - shade).abs().amax(0) / 2) > 0.15
 
 
 def measure(root: Path, resolution: int, seed: int, steps: int, local_mean: int, grow: int) -> dict:
@@ -96,6 +105,14 @@ def measure(root: Path, resolution: int, seed: int, steps: int, local_mean: int,
             whole.append(bool(found[i][weight > 0.5].all()))
         result["logo_covered_weighted"] = float(np.mean(covered))
         result["logos_covered_where_over_half"] = float(np.mean(whole))
+    if kind.name == "texture":
+        covered, whole = [], []
+        for i in torch.nonzero(has_concept).flatten().tolist():
+            shape = shape_pixels(images[i], rows[i]["background"])
+            covered.append(float(found[i][shape].float().mean()))
+            whole.append(bool(found[i][shape].all()))
+        result["fill_covered"] = float(np.mean(covered))
+        result["fills_wholly_covered"] = float(np.mean(whole))
     return result
 
 
