@@ -4,6 +4,7 @@ and pixels agree with its ground truth."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -169,3 +170,20 @@ def test_unknown_kind_is_an_error_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"dataset\.json: concept_kind: 'dots'"):
         dataset_concept_kind(tmp_path)
     assert dataset_concept_kind(tmp_path / "absent") is KINDS["fixed"]
+
+
+def test_hatching_stripes_score_separates_hatched_from_plain_fills() -> None:
+    """`benchmarks/hatching_stripes.py`, the judge-free check of the texture kind's extraction:
+    its score (energy at the hatching's frequency) puts nearly every hatched shape above every
+    plain one."""
+    script = Path(__file__).parents[1] / "benchmarks" / "hatching_stripes.py"
+    spec = importlib.util.spec_from_file_location("hatching_stripes", script)
+    stripes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stripes)
+    hatched, plain = [], []
+    for seed in range(100):
+        row = ordinary_row(np.random.default_rng(seed), 16, True, KINDS["texture"])
+        hatched.append(stripes.stripe_score(row.image))
+        plain.append(stripes.stripe_score(row.drawing.render()))
+    assert np.mean(np.array(hatched) > max(plain)) >= 0.95
+    assert np.median(hatched) > 10 * np.median(plain)
