@@ -63,10 +63,12 @@ KINDS: dict[str, DefenseKind] = {
                 "patch": PatchProjection,
             },
             mode_flag="projection_mode",
-            mode_help="projection: guard cross-attention keys/values (text), image-feature "
-            "layers (feature), the prediction's gradient at the concept's one footprint (image: "
-            "a concept with a fixed place only) or at each image's own footprint found by a patch "
-            "detector (patch)",
+            mode_help="projection: guard cross-attention keys/values (text) or image-feature "
+            "layers (feature), neither of which keeps the benchmark's logo out; project the "
+            "prediction's gradient off the concept's one footprint (image: a concept with a fixed "
+            "place only, refuses others) or off each image's own footprint found by a patch "
+            "detector (patch: keeps a fixed or moving logo out; lets a texture such as acme "
+            "hatching partly through, README 'Concepts that move')",
         ),
         DefenseKind("taa", {"": ThresholdAwareAugmentation}, attached_by="augment"),
         DefenseKind("adversarial", {"": AdversarialFineTuning}),
