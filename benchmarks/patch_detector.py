@@ -10,9 +10,9 @@ the concept's images found on each background colour, the mean share of position
 footprints cover, and, where the data records where the concept is (the moving
 logo's `logo_x`, `logo_y`, `logo_scale`, `logo_angle`), the share of the logo the footprints
 cover (pixels weighted by how much of each the logo paints) and the share of logos whose every
-pixel more than half painted is covered; for acme hatching, which fills the shape, the share of
-the shape's pixels (those more than 15% of full scale away from the background's colour in some
-channel) the footprints cover, and the share of images whose every shape pixel is covered.
+pixel more than half painted is covered; for acme hatching, which fills the shape, the same two
+figures over the shape's pixels (those more than 15% of full scale away from the background's
+colour in some channel). Both are `concept_area_covered` and `concepts_wholly_covered`.
 
     memguard data shapes --concept_kind moving --output_dir runs/moving
     python benchmarks/patch_detector.py runs/moving --output runs/patch_detector.json
@@ -31,7 +31,13 @@ from PIL import Image
 
 from memguard import io
 from memguard.data.folder import ImageFolderDataset, read_metadata
-from memguard.data.shapes import BACKGROUNDS, dataset_concept_kind, logo_side, paint_logo
+from memguard.data.shapes import (
+    BACKGROUNDS,
+    ConceptKind,
+    dataset_concept_kind,
+    logo_side,
+    paint_logo,
+)
 from memguard.data.text import MiniLMEncoder
 from memguard.defenses.base import TrainingContext
 from memguard.defenses.exemplars import ExemplarSource
@@ -55,6 +61,18 @@ def shape_pixels(image: torch.Tensor, background: str) -> torch.Tensor:
     scale away from the colour of its `background` in some channel: the shape, hatching included."""
     shade = torch.tensor(BACKGROUNDS[background], dtype=image.dtype)[:, None, None] / 127.5 - 1
     return ((image - shade).abs().amax(0) / 2) > 0.15
+
+
+def concept_weights(
+    kind: ConceptKind, row: dict, image: torch.Tensor, size: int
+) -> torch.Tensor | None:
+    """(size, size): where the concept of a training image is, 0 to 1, when the data says: the
+    moving logo's paint, or the shape that acme hatching fills; None for the fixed logo."""
+    if "logo_x" in kind.columns:
+        return logo_weights(row, size)
+    if kind.name == "texture":
+        return shape_pixels(image, row["background"]).double()
+    return None
 
 
 def measure(root: Path, resolution: int, seed: int, steps: int, local_mean: int, grow: int) -> dict:
@@ -97,22 +115,15 @@ def measure(root: Path, resolution: int, seed: int, steps: int, local_mean: int,
         if on_it.any():
             found_by_background[shade] = float(any_found[on_it].float().mean())
     result["concept_images_found_by_background"] = found_by_background
-    if "logo_x" in kind.columns:
-        covered, whole = [], []
-        for i in torch.nonzero(has_concept).flatten().tolist():
-            weight = logo_weights(rows[i], resolution)
+    covered, whole = [], []
+    for i in torch.nonzero(has_concept).flatten().tolist():
+        weight = concept_weights(kind, rows[i], images[i], resolution)
+        if weight is not None:
             covered.append(float((weight * found[i]).sum() / weight.sum()))
             whole.append(bool(found[i][weight > 0.5].all()))
-        result["logo_covered_weighted"] = float(np.mean(covered))
-        result["logos_covered_where_over_half"] = float(np.mean(whole))
-    if kind.name == "texture":
-        covered, whole = [], []
-        for i in torch.nonzero(has_concept).flatten().tolist():
-            shape = shape_pixels(images[i], rows[i]["background"])
-            covered.append(float(found[i][shape].float().mean()))
-            whole.append(bool(found[i][shape].all()))
-        result["fill_covered"] = float(np.mean(covered))
-        result["fills_wholly_covered"] = float(np.mean(whole))
+    if covered:
+        result["concept_area_covered"] = float(np.mean(covered))
+        result["concepts_wholly_covered"] = float(np.mean(whole))
     return result
 
 
