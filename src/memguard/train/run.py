@@ -175,7 +175,7 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel: one kernel for all
-# the tensors instead of a loop over them (11 ms less a step of the `bench` UNet on one CPU thread)
+# the tensors instead of a loop over them
 
 
 def make_step(
