@@ -229,6 +229,8 @@ def test_bad_input_is_an_error_naming_the_file(shapes_dir, start, listing, tmp_p
         build(memorized=None)
     with pytest.raises(ConfigError, match="adv_inner_steps: must be >= 0"):
         build(adv_inner_steps=-1)
+    with pytest.raises(ConfigError, match="adv_surrogate_fallback: 'prompt' is not one of"):
+        build(adv_surrogate_fallback="prompt")
     with pytest.raises(ConfigError, match="starts from a trained model"):
         build(pretrained_model_name_or_path=None, model_preset="tiny")
     with pytest.raises(
@@ -244,23 +246,40 @@ def test_a_surrogate_that_replicates_its_image_is_drawn_again(
     shapes_dir: Path, start: Path, listing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DoRI's surrogate is what the mitigated model makes instead of the memorized image: where
-    the first noise still makes the image itself, the next noise's generation is taken."""
+    the first noise still makes the image itself, the next noise's generation is taken; where
+    every noise does, the empty prompt's (unless told not to); where that too replicates, the
+    replica is kept with a warning."""
     memorized = read_memorized(listing, 8).pixels.float() / 255
     real = adversarial_module.generate
 
-    def replicate_at_the_first_noise(model, prompts, num_images, seed, *args):
-        if seed == 0:  # the run's seed: the generations are the memorized images
-            return memorized[: len(prompts)].clone()
-        return real(model, prompts, num_images, seed, *args)
+    def replicating(from_empty_prompt: bool):
+        def generate(model, prompts, num_images, seed, *args):
+            if seed == 0 and (from_empty_prompt or "" not in prompts):
+                return memorized[: len(prompts) * num_images].clone()
+            return real(model, prompts, num_images, seed, *args)
 
-    monkeypatch.setattr(adversarial_module, "generate", replicate_at_the_first_noise)
-    settings = adversarial(start, listing, max_train_steps=1)
-    (record,) = train_tiny(shapes_dir / "train", tmp_path / "retried", **settings)["defenses"]
-    assert record["report"]["surrogate_seeds"] == [1, 1]
-    assert min(record["report"]["surrogate_rms_distance"]) >= 0.1
-    with pytest.warns(UserWarning, match="from each of 1 noises"):
-        once = train_tiny(
-            shapes_dir / "train", tmp_path / "once", **settings, adv_surrogate_tries=1
-        )
-    assert once["defenses"][0]["report"]["surrogate_seeds"] == [0, 0]
-    assert max(once["defenses"][0]["report"]["surrogate_rms_distance"]) < 1e-6
+        return generate
+
+    def surrogates(name: str, **extra) -> dict:
+        settings = adversarial(start, listing, max_train_steps=1) | extra
+        (record,) = train_tiny(shapes_dir / "train", tmp_path / name, **settings)["defenses"]
+        return record["report"]
+
+    monkeypatch.setattr(adversarial_module, "generate", replicating(from_empty_prompt=False))
+    retried = surrogates("retried")
+    assert retried["surrogate_seeds"] == [1, 1]
+    assert retried["surrogate_prompts"] == read_memorized(listing, 8).prompts
+    assert min(retried["surrogate_rms_distance"]) >= 0.1
+    anchored = surrogates("anchored", adv_surrogate_tries=1)
+    assert anchored["surrogate_prompts"] == ["", ""]
+    assert min(anchored["surrogate_rms_distance"]) >= 0.1
+
+    with pytest.warns(UserWarning, match=r"with each of 1 noises \(RMS"):
+        told = surrogates("told", adv_surrogate_tries=1, adv_surrogate_fallback="none")
+    assert max(told["surrogate_rms_distance"]) < 1e-6
+
+    monkeypatch.setattr(adversarial_module, "generate", replicating(from_empty_prompt=True))
+    with pytest.warns(UserWarning, match="with each of 1 noises and from the empty prompt"):
+        kept = surrogates("kept", adv_surrogate_tries=1)
+    assert kept["surrogate_seeds"] == [0, 0]
+    assert max(kept["surrogate_rms_distance"]) < 1e-6

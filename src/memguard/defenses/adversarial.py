@@ -11,7 +11,13 @@ mitigated) model. Before the first step, each memorized image's *surrogate* is g
 original prompt by the starting model: what the mitigated model makes instead of the memorized
 image. A mitigation may stop only some of a prompt's generations, so the surrogate is the first
 generation, from the noise of seed, seed + 1, ... (`surrogate_tries`), that is not a replica
-of its image (RMS distance at least 0.1); where all are, the last is kept, with a warning.
+of its image (RMS distance at least 0.1). Where every one is (a mitigation that did not stop the
+prompt: NeMo on the shapes benchmark leaves some prompts replicating from every noise), the
+surrogate is what the model makes from the empty prompt instead, the anchor concept ablation
+maps a concept to (Kumari et al., "Ablating Concepts in Text-to-Image Diffusion Models", ICCV
+2023); a surrogate that replicated its image would train the triggers towards the memory. Only
+where that too is a replica (or with `--adv_surrogate_fallback none`) is the replica kept, with a
+warning.
 Then every call of `extra_loss` (one micro-batch of one optimizer step):
 
 1. draws `images` of the memorized images (`--memorized`: a list in the attack's target format,
@@ -66,6 +72,7 @@ from memguard.sampling import generate, save_samples
 
 SURROGATES_DIR = "adversarial_surrogates"
 REPLICA_RMS = 0.1  # a surrogate this near its image is a replica (the attack's default)
+SURROGATE_FALLBACKS = ("empty", "none")
 STREAM = 7  # key of the adversarial draws, beside the step generator's seed
 
 
@@ -107,6 +114,11 @@ class AdversarialConfig:
         "not a replica of its image (RMS distance >= 0.1); the first such is kept",
         flag="adv_surrogate_tries",
     )  # fmt: skip
+    surrogate_fallback: str = option(
+        "empty", "adversarial: where the prompt's generation replicates its image from every "
+        "noise tried, 'empty' takes the empty prompt's generation as the surrogate, 'none' "
+        "keeps the replica (and warns)", flag="adv_surrogate_fallback",
+    )  # fmt: skip
     guidance_scale: float = option(
         3.0, "adversarial: guidance scale of the surrogates' generation",
         flag="adv_guidance_scale",
@@ -117,6 +129,11 @@ class AdversarialConfig:
             raise ConfigError(
                 "memorized: required by --strategy adversarial (a file listing the memorized "
                 "images and their prompts)"
+            )
+        if self.surrogate_fallback not in SURROGATE_FALLBACKS:
+            raise ConfigError(
+                f"adv_surrogate_fallback: {self.surrogate_fallback!r} is not one of "
+                f"{', '.join(SURROGATE_FALLBACKS)}"
             )
         at_least_zero = {"adv_weight": self.weight, "adv_inner_steps": self.inner_steps}
         positive = {
@@ -183,6 +200,7 @@ class AdversarialFineTuning(Defense):
         self.attacks = 0
         self.distances: list[float] = []  # RMS distance of each surrogate to its image
         self.surrogate_seeds: list[int] = []  # the noise seed each surrogate was made from
+        self.surrogate_prompts: list[str] = []  # and its prompt: the image's, or "" (empty)
         self._window: list[float] = [0.0, 0.0, 0.0]  # L_adv sum, trigger loss sum, calls
 
     @classmethod
@@ -209,7 +227,8 @@ class AdversarialFineTuning(Defense):
     def _make_surrogates(self, model: nn.Module, ctx: TrainingContext) -> None:
         """What the starting model makes for each original prompt (once, before any update):
         the first generation, from the noise of seed, seed + 1, ... (`surrogate_tries` of
-        them), that is not a replica of its memorized image."""
+        them), that is not a replica of its memorized image; failing that, a generation from
+        the empty prompt."""
         if ctx.step > 0:
             raise RuntimeError(
                 "adversarial fine-tuning: no surrogates at step > 0 (they come from the "
@@ -218,32 +237,40 @@ class AdversarialFineTuning(Defense):
         config, prompts = self.config, list(self.targets.prompts)
         wrapped = DiffusionModel(model, dict(ctx.scheduler.config), ctx.text_encoder, ctx.vae, {})
 
-        def made(indices: list[int], seed: int) -> torch.Tensor:
+        def made(chosen: list[str], num_images: int, seed: int) -> torch.Tensor:
             with torch.autocast(self._x0.device.type, enabled=False):
                 return generate(
-                    wrapped, [prompts[i] for i in indices], 1, seed, "dpm",
+                    wrapped, chosen, num_images, seed, "dpm",
                     config.surrogate_steps, config.guidance_scale,
                 ).cpu()  # fmt: skip
 
-        images = made(list(range(len(prompts))), self.seed)
+        images = made(prompts, 1, self.seed)
         if images.shape[1:] != self.targets.pixels.shape[1:]:
             raise ConfigError(
                 f"--memorized: images of {tuple(self.targets.pixels.shape[2:])} px, the model "
                 f"makes {tuple(images.shape[2:])}; give --resolution {images.shape[-1]}"
             )
         reference = self.targets.pixels.float() / 255
-        seeds = [self.seed] * len(prompts)
-        pending = list(range(len(prompts)))  # those whose surrogate is still a replica
+
+        def replicas(indices: list[int]) -> list[int]:
+            return [i for i in indices if _rms(images[i], reference[i]) < REPLICA_RMS]
+
+        seeds, sources = [self.seed] * len(prompts), list(prompts)
+        pending = replicas(list(range(len(prompts))))  # those whose surrogate is a replica
         for seed in range(self.seed + 1, self.seed + config.surrogate_tries):
-            pending = [i for i in pending if _rms(images[i], reference[i]) < REPLICA_RMS]
             if not pending:
                 break
-            images[pending] = made(pending, seed)
+            images[pending] = made([prompts[i] for i in pending], 1, seed)
             for i in pending:
                 seeds[i] = seed
+            pending = replicas(pending)
+        if pending and config.surrogate_fallback == "empty":  # one noise each, not one shared
+            images[pending] = made([""], len(pending), self.seed)
+            for i in pending:
+                seeds[i], sources[i] = self.seed, ""
+            pending = replicas(pending)
         self.distances = [_rms(image, ref) for image, ref in zip(images, reference, strict=True)]
-        pending = [i for i in pending if self.distances[i] < REPLICA_RMS]
-        self.surrogate_seeds = seeds
+        self.surrogate_seeds, self.surrogate_prompts = seeds, sources
         with torch.no_grad():
             pixels = images.to(self._x0.device) * 2 - 1
             x0 = to_latents(ctx.vae, pixels) if ctx.vae is not None else pixels
@@ -251,9 +278,11 @@ class AdversarialFineTuning(Defense):
         if pending:
             warnings.warn(
                 f"adversarial fine-tuning: the starting model still makes (nearly) the memorized "
-                f"image for the prompt of {', '.join(self.targets.names[i] for i in pending)} "
-                f"from each of {config.surrogate_tries} noises (RMS distance < {REPLICA_RMS}), "
-                "so L_adv trains towards it; mitigate the model first (memguard mitigate)",
+                f"image of {', '.join(self.targets.names[i] for i in pending)} from its prompt "
+                f"with each of {config.surrogate_tries} noises"
+                f"{' and from the empty prompt' if config.surrogate_fallback == 'empty' else ''} "
+                f"(RMS distance < {REPLICA_RMS}), so L_adv trains towards it; mitigate the "
+                "model first (memguard mitigate)",
                 stacklevel=2,
             )
         if self.output_dir is not None and ctx.group.rank == 0:
@@ -310,6 +339,7 @@ class AdversarialFineTuning(Defense):
             "surrogates": self.surrogates,
             "distances": self.distances,
             "surrogate_seeds": self.surrogate_seeds,
+            "surrogate_prompts": self.surrogate_prompts,
             "attacks": self.attacks,
             "names": list(self.targets.names),
         }
@@ -322,6 +352,7 @@ class AdversarialFineTuning(Defense):
             )
         self.surrogates, self.distances = state["surrogates"], state["distances"]
         self.surrogate_seeds = state.get("surrogate_seeds", [])  # not kept before 2026-12
+        self.surrogate_prompts = state.get("surrogate_prompts", [])  # nor this
         self.attacks = state["attacks"]
 
     def report(self) -> dict:
@@ -330,6 +361,7 @@ class AdversarialFineTuning(Defense):
             "memorized": list(self.targets.names),
             "surrogate_rms_distance": self.distances,
             "surrogate_seeds": self.surrogate_seeds,
+            "surrogate_prompts": self.surrogate_prompts,
             "surrogates": SURROGATES_DIR,
             "attacks": self.attacks,
         }
