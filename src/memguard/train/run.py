@@ -174,10 +174,6 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
     return Run(dataset, conditioning, unet.to(device), vae, scheduler, pipeline)
 
 
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel: one kernel for all
-# the tensors instead of a loop over them
-
-
 def make_step(
     config: TrainConfig,
     run: Run,
@@ -195,7 +191,6 @@ def make_step(
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
-        fused=all(param.device.type in FUSED_ADAMW_DEVICES for param in params),
     )
     lr_schedule = get_scheduler(
         config.lr_scheduler,
