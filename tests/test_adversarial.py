@@ -247,8 +247,8 @@ def test_a_surrogate_that_replicates_its_image_is_drawn_again(
 ) -> None:
     """DoRI's surrogate is what the mitigated model makes instead of the memorized image: where
     the first noise still makes the image itself, the next noise's generation is taken; where
-    every noise does, the empty prompt's (unless told not to); where that too replicates, the
-    replica is kept with a warning."""
+    every noise does, the replica is kept with a warning, or with the `empty` fallback the empty
+    prompt's generation is taken (and where that too replicates, the replica, with a warning)."""
     memorized = read_memorized(listing, 8).pixels.float() / 255
     real = adversarial_module.generate
 
@@ -270,16 +270,16 @@ def test_a_surrogate_that_replicates_its_image_is_drawn_again(
     assert retried["surrogate_seeds"] == [1, 1]
     assert retried["surrogate_prompts"] == read_memorized(listing, 8).prompts
     assert min(retried["surrogate_rms_distance"]) >= 0.1
-    anchored = surrogates("anchored", adv_surrogate_tries=1)
+    anchored = surrogates("anchored", adv_surrogate_tries=1, adv_surrogate_fallback="empty")
     assert anchored["surrogate_prompts"] == ["", ""]
     assert min(anchored["surrogate_rms_distance"]) >= 0.1
 
     with pytest.warns(UserWarning, match=r"with each of 1 noises \(RMS"):
-        told = surrogates("told", adv_surrogate_tries=1, adv_surrogate_fallback="none")
+        told = surrogates("told", adv_surrogate_tries=1)
     assert max(told["surrogate_rms_distance"]) < 1e-6
 
     monkeypatch.setattr(adversarial_module, "generate", replicating(from_empty_prompt=True))
     with pytest.warns(UserWarning, match="with each of 1 noises and from the empty prompt"):
-        kept = surrogates("kept", adv_surrogate_tries=1)
+        kept = surrogates("kept", adv_surrogate_tries=1, adv_surrogate_fallback="empty")
     assert kept["surrogate_seeds"] == [0, 0]
     assert max(kept["surrogate_rms_distance"]) < 1e-6

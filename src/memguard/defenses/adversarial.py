@@ -11,13 +11,11 @@ mitigated) model. Before the first step, each memorized image's *surrogate* is g
 original prompt by the starting model: what the mitigated model makes instead of the memorized
 image. A mitigation may stop only some of a prompt's generations, so the surrogate is the first
 generation, from the noise of seed, seed + 1, ... (`surrogate_tries`), that is not a replica
-of its image (RMS distance at least 0.1). Where every one is (a mitigation that did not stop the
-prompt: NeMo on the shapes benchmark leaves some prompts replicating from every noise), the
-surrogate is what the model makes from the empty prompt instead, the anchor concept ablation
-maps a concept to (Kumari et al., "Ablating Concepts in Text-to-Image Diffusion Models", ICCV
-2023); a surrogate that replicated its image would train the triggers towards the memory. Only
-where that too is a replica (or with `--adv_surrogate_fallback none`) is the replica kept, with a
-warning.
+of its image (RMS distance at least 0.1); where all are, the last is kept, with a warning.
+`--adv_surrogate_fallback empty` takes instead what the model makes from the empty prompt, the
+anchor that concept ablation maps a concept to (Kumari et al., "Ablating Concepts in
+Text-to-Image Diffusion Models", ICCV 2023), so that no trigger is trained towards its memory;
+on the shapes benchmark it did not stop more triggers and cost quality (README).
 Then every call of `extra_loss` (one micro-batch of one optimizer step):
 
 1. draws `images` of the memorized images (`--memorized`: a list in the attack's target format,
@@ -115,9 +113,9 @@ class AdversarialConfig:
         flag="adv_surrogate_tries",
     )  # fmt: skip
     surrogate_fallback: str = option(
-        "empty", "adversarial: where the prompt's generation replicates its image from every "
-        "noise tried, 'empty' takes the empty prompt's generation as the surrogate, 'none' "
-        "keeps the replica (and warns)", flag="adv_surrogate_fallback",
+        "none", "adversarial: where the prompt's generation replicates its image from every "
+        "noise tried, 'none' keeps the replica (and warns), 'empty' takes the empty prompt's "
+        "generation as the surrogate", flag="adv_surrogate_fallback",
     )  # fmt: skip
     guidance_scale: float = option(
         3.0, "adversarial: guidance scale of the surrogates' generation",
@@ -227,8 +225,8 @@ class AdversarialFineTuning(Defense):
     def _make_surrogates(self, model: nn.Module, ctx: TrainingContext) -> None:
         """What the starting model makes for each original prompt (once, before any update):
         the first generation, from the noise of seed, seed + 1, ... (`surrogate_tries` of
-        them), that is not a replica of its memorized image; failing that, a generation from
-        the empty prompt."""
+        them), that is not a replica of its memorized image; failing that, the last, or with
+        the `empty` fallback a generation from the empty prompt."""
         if ctx.step > 0:
             raise RuntimeError(
                 "adversarial fine-tuning: no surrogates at step > 0 (they come from the "
