@@ -249,7 +249,8 @@ def test_a_surrogate_that_replicates_its_image_is_drawn_again(
     the first noise still makes the image itself, the next noise's generation is taken; where
     every noise does, the replica is kept with a warning, or with the `empty` fallback the empty
     prompt's generation is taken (and where that too replicates, the replica, with a warning)."""
-    memorized = read_memorized(listing, 8).pixels.float() / 255
+    targets = read_memorized(listing, 8)
+    memorized = targets.pixels.float() / 255
     real = adversarial_module.generate
 
     def replicating(from_empty_prompt: bool):
@@ -268,7 +269,7 @@ def test_a_surrogate_that_replicates_its_image_is_drawn_again(
     monkeypatch.setattr(adversarial_module, "generate", replicating(from_empty_prompt=False))
     retried = surrogates("retried")
     assert retried["surrogate_seeds"] == [1, 1]
-    assert retried["surrogate_prompts"] == read_memorized(listing, 8).prompts
+    assert retried["surrogate_prompts"] == targets.prompts
     assert min(retried["surrogate_rms_distance"]) >= 0.1
     anchored = surrogates("anchored", adv_surrogate_tries=1, adv_surrogate_fallback="empty")
     assert anchored["surrogate_prompts"] == ["", ""]
