@@ -22,6 +22,7 @@ from memguard.bench.spec import DEFAULT_FIGURES, Figure
 from memguard.bench.stats import flatten, summarize, summary
 from memguard.config import ConfigError, to_dict
 from memguard.defenses import AntiGradientControl
+from memguard.defenses.registry import defense_settings
 from memguard.io import write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "bench"
@@ -243,6 +244,20 @@ def test_a_run_recorded_before_a_setting_existed_is_reused(tmp_path: Path) -> No
     assert plan_training(config, [], "sha") == REUSE
     other = tiny_config(tmp_path / "data", tmp_path / "run", conditioning="none")
     assert plan_training(other, [], "sha") == TRAIN
+
+
+def test_a_defense_recorded_before_one_of_its_flags_existed_is_reused(tmp_path: Path) -> None:
+    """Likewise a defense's settings: a flag added since (agc_gamma here) took its default."""
+    config = tiny_config(tmp_path / "data", tmp_path / "run")
+    settings = defense_settings(AntiGradientControl())
+    recorded = {k: v for k, v in settings.items() if k != "agc_gamma"}
+    write_json(tmp_path / "run" / "memguard.json", {
+        "config": to_dict(config), "data": {"sha256": "sha"},
+        "defenses": [{"name": "agc", "settings": recorded}],
+    })  # fmt: skip
+    assert plan_training(config, [AntiGradientControl()], "sha") == REUSE
+    changed = AntiGradientControl(gamma=settings["agc_gamma"] + 1)
+    assert plan_training(config, [changed], "sha") == TRAIN
 
 
 def test_arms_start_from_other_arms_and_are_redone_when_their_source_is(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 from memguard.audit import RESULTS_FILE
 from memguard.config import AuditConfig, MitigateConfig, TrainConfig, to_dict, with_defaults
 from memguard.defenses.base import Defense
-from memguard.defenses.registry import defense_settings
+from memguard.defenses.registry import defense_settings, settings_with_defaults
 from memguard.io import METADATA_FILE, write_json
 from memguard.metrics.judge import JudgeSpec
 
@@ -65,6 +65,13 @@ def _intent(
     }
 
 
+def _recorded_settings(recorded: list | None, defenses: list[Defense]) -> list | None:
+    """The defenses' settings recorded for a run, each flag added since at its default."""
+    if recorded is None or len(recorded) != len(defenses):
+        return recorded
+    return [settings_with_defaults(d, r) for d, r in zip(defenses, recorded, strict=True)]
+
+
 def _begin(run: Path, intent: dict) -> None:
     if run.exists():
         shutil.rmtree(run)
@@ -81,16 +88,23 @@ def plan_training(
     intent = _intent(config, defenses, data_sha256, source)
     metadata = _read(run / METADATA_FILE)
     written = _read(run / INTENT_FILE)
+    finished = None if metadata is None else {
+        "config": with_defaults(TrainConfig, metadata.get("config")),
+        "defenses": _recorded_settings(
+            [r.get("settings") for r in metadata.get("defenses", [])], defenses
+        ),
+    }  # fmt: skip
     if (
-        metadata is not None
-        and with_defaults(TrainConfig, metadata.get("config")) == intent["config"]
-        and [r.get("settings") for r in metadata.get("defenses", [])] == intent["defenses"]
+        finished is not None
+        and finished["config"] == intent["config"]
+        and finished["defenses"] == intent["defenses"]
         and metadata.get("data", {}).get("sha256") == data_sha256
         and (source is None or (written or {}).get("source_sha256") == source)
     ):
         return REUSE
     if written is not None:
         written["config"] = with_defaults(TrainConfig, written.get("config"))
+        written["defenses"] = _recorded_settings(written.get("defenses"), defenses)
     return RESUME if written == intent else TRAIN
 
 

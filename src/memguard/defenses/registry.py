@@ -213,6 +213,19 @@ def defense_settings(defense: Defense) -> dict[str, Any] | None:
     return settings
 
 
+def settings_with_defaults(defense: Defense, recorded: dict[str, Any] | None) -> dict | None:
+    """Settings recorded for a defense of `defense`'s kind (a memguard.json's), with every flag
+    they lack at its default: a flag added after they were written took its default then."""
+    if recorded is None or defense.config is None:
+        return recorded
+    defaults = {
+        _flag_of(f): _plain(f.default)
+        for f in dataclasses.fields(defense.config)
+        if f.default is not dataclasses.MISSING
+    }
+    return {**defaults, **recorded}
+
+
 def record(defense: Defense) -> dict[str, Any]:
     """What memguard.json keeps of an attached defense: name, settings and report."""
     return {"name": defense.name, "settings": defense_settings(defense), "report": defense.report()}
