@@ -148,13 +148,16 @@ def test_the_attack_sends_no_gradient_into_the_model() -> None:
         )
 
 
+@pytest.mark.parametrize("trigger_start", ["prompt", "previous"])
 def test_killed_run_resumes_to_the_same_weights(
-    shapes_dir, start, listing, tmp_path, monkeypatch
+    shapes_dir, start, listing, tmp_path, monkeypatch, trigger_start
 ) -> None:
+    """With `previous` the checkpoint keeps each image's last trigger, where its next attack
+    starts."""
     data = shapes_dir / "train"
     run = adversarial(
         start, listing, max_train_steps=8, checkpointing_steps=3, logging_steps=3,
-        adv_inner_steps=2,
+        adv_inner_steps=2, adv_trigger_start=trigger_start,
     )  # fmt: skip
     train_tiny(data, tmp_path / "full", **run)
 
@@ -169,8 +172,45 @@ def test_killed_run_resumes_to_the_same_weights(
     result = Trainer(config, defenses, progress=False).train()
     assert result.steps_run == 8 - latest["step"] > 0
     assert_same_weights(tmp_path / "full", tmp_path / "killed")
-    report = json.loads((tmp_path / "killed" / "memguard.json").read_text())["defenses"]
-    assert report[0]["report"]["attacks"] == 8
+    reports = [
+        json.loads((tmp_path / name / "memguard.json").read_text())["defenses"][0]["report"]
+        for name in ("full", "killed")
+    ]
+    assert reports[1]["attacks"] == 8
+    assert reports[1]["trigger_drift"] == reports[0]["trigger_drift"]
+    if trigger_start == "previous":
+        assert len(reports[1]["trigger_drift"]) == 2 and min(reports[1]["trigger_drift"]) > 0
+    else:
+        assert reports[1]["trigger_drift"] is None
+
+
+def test_previous_start_continues_each_images_last_attack(
+    shapes_dir, start, listing, tmp_path, monkeypatch
+) -> None:
+    """`--adv_trigger_start previous`: the first attack on an image starts from its prompt's
+    states, every later one from the trigger the one before it found."""
+    real, calls = adversarial_module.optimize_conditioning, []
+
+    def recorded(unet, scheduler, x0, start_states, *args):
+        triggers, losses = real(unet, scheduler, x0, start_states, *args)
+        calls.append((x0.clone(), start_states.clone(), triggers.clone()))
+        return triggers, losses
+
+    monkeypatch.setattr(adversarial_module, "optimize_conditioning", recorded)
+    settings = adversarial(start, listing, max_train_steps=4, adv_images=1,
+                           adv_trigger_start="previous")  # fmt: skip
+    train_tiny(shapes_dir / "train", tmp_path / "run", **settings)
+    targets = read_memorized(listing, 8)
+    images = targets.model_pixels()
+    last = list(load_model(start, "cpu").encoder.encode(list(targets.prompts)))
+    attacked = set()
+    for x0, start_states, triggers in calls:
+        (index,) = [i for i in range(len(images)) if torch.equal(images[i], x0[0])]
+        torch.testing.assert_close(start_states[0], last[index], rtol=0, atol=0)
+        assert not torch.equal(triggers[0], start_states[0])
+        last[index] = triggers[0]
+        attacked.add(index)
+    assert len(calls) == 4 and attacked == {0, 1}  # each image attacked, and one again
 
 
 def test_it_composes_with_iet_and_agc_from_a_pruned_model(
@@ -231,6 +271,8 @@ def test_bad_input_is_an_error_naming_the_file(shapes_dir, start, listing, tmp_p
         build(adv_inner_steps=-1)
     with pytest.raises(ConfigError, match="adv_surrogate_fallback: 'prompt' is not one of"):
         build(adv_surrogate_fallback="prompt")
+    with pytest.raises(ConfigError, match="adv_trigger_start: 'random' is not one of"):
+        build(adv_trigger_start="random")
     with pytest.raises(ConfigError, match="starts from a trained model"):
         build(pretrained_model_name_or_path=None, model_preset="tiny")
     with pytest.raises(

@@ -23,7 +23,11 @@ Then every call of `extra_loss` (one micro-batch of one optimizer step):
 2. runs the attack against the model as it is now (`optimize_conditioning`: Adam at
    `learning_rate` on y from the prompt's states, `inner_steps` steps of `batch_size` copies of
    the image with fresh timesteps and noise), with gradients to y alone: the model's gradients
-   see nothing of the inner loop;
+   see nothing of the inner loop. With `--adv_trigger_start previous` the attack starts instead
+   from the trigger that the last attack on that image found (the prompt's states the first
+   time), so that short inner loops add up across outer steps into a long attack that follows
+   the model as it changes: the persistent perturbations of "Adversarial Training for Free!"
+   (Shafahi et al., NeurIPS 2019), here on the conditioning;
 3. returns `weight` x L_adv, L_adv the training loss (min-SNR weights included when the run uses
    them) of the surrogate image conditioned on the detached triggers, on `batch_size` fresh
    timesteps and noises per image.
@@ -71,6 +75,7 @@ from memguard.sampling import generate, save_samples
 SURROGATES_DIR = "adversarial_surrogates"
 REPLICA_RMS = 0.1  # a surrogate this near its image is a replica (the attack's default)
 SURROGATE_FALLBACKS = ("empty", "none")
+TRIGGER_STARTS = ("prompt", "previous")
 STREAM = 7  # key of the adversarial draws, beside the step generator's seed
 
 
@@ -103,6 +108,11 @@ class AdversarialConfig:
         1, "adversarial: memorized images attacked per micro-batch, drawn from the list",
         flag="adv_images",
     )  # fmt: skip
+    trigger_start: str = option(
+        "prompt", "adversarial: where each inner attack starts: 'prompt' (the image's prompt "
+        "states, as the paper's) or 'previous' (the trigger the last attack on that image "
+        "found, so that the inner loops add up across steps)", flag="adv_trigger_start",
+    )  # fmt: skip
     surrogate_steps: int = option(
         20, "adversarial: DPM-Solver++ steps of the surrogates' generation",
         flag="adv_surrogate_steps",
@@ -128,11 +138,13 @@ class AdversarialConfig:
                 "memorized: required by --strategy adversarial (a file listing the memorized "
                 "images and their prompts)"
             )
-        if self.surrogate_fallback not in SURROGATE_FALLBACKS:
-            raise ConfigError(
-                f"adv_surrogate_fallback: {self.surrogate_fallback!r} is not one of "
-                f"{', '.join(SURROGATE_FALLBACKS)}"
-            )
+        choices = {
+            "adv_surrogate_fallback": (self.surrogate_fallback, SURROGATE_FALLBACKS),
+            "adv_trigger_start": (self.trigger_start, TRIGGER_STARTS),
+        }
+        for flag, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
         at_least_zero = {"adv_weight": self.weight, "adv_inner_steps": self.inner_steps}
         positive = {
             "adv_lr": self.learning_rate,
@@ -194,6 +206,7 @@ class AdversarialFineTuning(Defense):
         self.surrogates: torch.Tensor | None = None  # (n, C, H, W) model space, on the CPU
         self._x0: torch.Tensor | None = None  # the memorized images in model space
         self._states: torch.Tensor | None = None  # their prompts' states (n, L, d)
+        self.triggers: torch.Tensor | None = None  # the last trigger of each image (previous)
         self._step, self._calls = -1, 0  # the step being run, extra_loss calls in it
         self.attacks = 0
         self.distances: list[float] = []  # RMS distance of each surrogate to its image
@@ -301,9 +314,11 @@ class AdversarialFineTuning(Defense):
         chosen = torch.randperm(n, generator=generator)[: min(config.images, n)]
         x0 = self._x0[chosen.to(self._x0.device)]
         triggers, trigger_losses = optimize_conditioning(
-            model, ctx.scheduler, x0, self._states[chosen.to(self._states.device)],
+            model, ctx.scheduler, x0, self._start(chosen).to(self._states.device),
             config.inner_steps, config.learning_rate, config.batch_size, generator,
         )  # fmt: skip
+        if config.trigger_start == "previous":
+            self.triggers[chosen] = triggers.cpu()
         surrogates = self.surrogates[chosen].to(x0.device)
         timesteps, noise = draw(
             surrogates, config.batch_size, ctx.scheduler.config.num_train_timesteps, generator
@@ -323,6 +338,14 @@ class AdversarialFineTuning(Defense):
         ]
         return config.weight * adversarial
 
+    def _start(self, chosen: torch.Tensor) -> torch.Tensor:
+        """Where the inner attack on the `chosen` images starts (see `trigger_start`)."""
+        if self.config.trigger_start == "prompt":
+            return self._states[chosen.to(self._states.device)]
+        if self.triggers is None:
+            self.triggers = self._states.detach().cpu().clone()
+        return self.triggers[chosen]
+
     # ---------------------------------------------------------------------------- records
 
     def log_values(self) -> dict:
@@ -340,6 +363,7 @@ class AdversarialFineTuning(Defense):
             "surrogate_prompts": self.surrogate_prompts,
             "attacks": self.attacks,
             "names": list(self.targets.names),
+            "triggers": self.triggers,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -352,6 +376,7 @@ class AdversarialFineTuning(Defense):
         self.surrogate_seeds = state.get("surrogate_seeds", [])  # not kept before 2026-12
         self.surrogate_prompts = state.get("surrogate_prompts", [])  # nor this
         self.attacks = state["attacks"]
+        self.triggers = state.get("triggers")  # kept since 2026-12
 
     def report(self) -> dict:
         return {
@@ -362,4 +387,14 @@ class AdversarialFineTuning(Defense):
             "surrogate_prompts": self.surrogate_prompts,
             "surrogates": SURROGATES_DIR,
             "attacks": self.attacks,
+            "trigger_drift": self._drift(),
         }
+
+    def _drift(self) -> list[float] | None:
+        """Per image, how far its kept trigger has moved from its prompt's states: the RMS of
+        the difference over the RMS of the states (None unless triggers are kept)."""
+        if self.triggers is None or self._states is None:
+            return None
+        states = self._states.detach().double().cpu()
+        moved = (self.triggers.double() - states).flatten(1).square().mean(1).sqrt()
+        return (moved / states.flatten(1).square().mean(1).sqrt()).tolist()
