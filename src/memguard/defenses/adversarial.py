@@ -287,13 +287,14 @@ class AdversarialFineTuning(Defense):
             x0 = to_latents(ctx.vae, pixels) if ctx.vae is not None else pixels
         self.surrogates = x0.float().cpu()
         if pending:
+            tried = f"with each of {config.surrogate_tries} noises"
+            if config.surrogate_fallback == "empty":
+                tried += " and from the empty prompt"
             warnings.warn(
                 f"adversarial fine-tuning: the starting model still makes (nearly) the memorized "
                 f"image of {', '.join(self.targets.names[i] for i in pending)} from its prompt "
-                f"with each of {config.surrogate_tries} noises"
-                f"{' and from the empty prompt' if config.surrogate_fallback == 'empty' else ''} "
-                f"(RMS distance < {REPLICA_RMS}), so L_adv trains towards it; mitigate the "
-                "model first (memguard mitigate)",
+                f"{tried} (RMS distance < {REPLICA_RMS}), so L_adv trains towards it; mitigate "
+                "the model first (memguard mitigate)",
                 stacklevel=2,
             )
         if self.output_dir is not None and ctx.group.rank == 0:
