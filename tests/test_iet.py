@@ -298,7 +298,7 @@ def test_the_bench_specs_compare_arms_on_equal_sample_budgets(name: str, conditi
         assert config.conditioning == conditioning
         augmented = arm.name in ("iet_agc_plus", "iet_agc_taa")
         if arm.name.startswith("iet_agc"):
-            assert [d.name for d in defenses] == ["agc", "taa"] if augmented else ["agc"]
+            assert [d.name for d in defenses] == (["agc", "taa"] if augmented else ["agc"])
             redistributed = arm.name in ("iet_agc_plus", "iet_agc_msr")
             assert config.redistribute == (0.2 if redistributed else None)
     assert budgets == {base["max_train_steps"] * base["train_batch_size"]}

@@ -234,6 +234,8 @@ class AdversarialFineTuning(Defense):
         with torch.no_grad():
             self._x0 = to_latents(ctx.vae, pixels) if ctx.vae is not None else pixels
         self._states = ctx.text_encoder.encode(list(self.targets.prompts)).to(device)
+        if self.config.trigger_start == "previous":  # a checkpoint's triggers replace these
+            self.triggers = self._states.detach().cpu().clone()
 
     def _make_surrogates(self, model: nn.Module, ctx: TrainingContext) -> None:
         """What the starting model makes for each original prompt (once, before any update):
@@ -314,11 +316,13 @@ class AdversarialFineTuning(Defense):
         config, n = self.config, len(self.targets)
         chosen = torch.randperm(n, generator=generator)[: min(config.images, n)]
         x0 = self._x0[chosen.to(self._x0.device)]
+        kept = self.triggers is not None  # --adv_trigger_start previous
+        start = self.triggers[chosen] if kept else self._states[chosen.to(self._states.device)]
         triggers, trigger_losses = optimize_conditioning(
-            model, ctx.scheduler, x0, self._start(chosen).to(self._states.device),
+            model, ctx.scheduler, x0, start.to(self._states.device),
             config.inner_steps, config.learning_rate, config.batch_size, generator,
         )  # fmt: skip
-        if config.trigger_start == "previous":
+        if kept:
             self.triggers[chosen] = triggers.cpu()
         surrogates = self.surrogates[chosen].to(x0.device)
         timesteps, noise = draw(
@@ -338,14 +342,6 @@ class AdversarialFineTuning(Defense):
             self._window[2] + 1,
         ]
         return config.weight * adversarial
-
-    def _start(self, chosen: torch.Tensor) -> torch.Tensor:
-        """Where the inner attack on the `chosen` images starts (see `trigger_start`)."""
-        if self.config.trigger_start == "prompt":
-            return self._states[chosen.to(self._states.device)]
-        if self.triggers is None:
-            self.triggers = self._states.detach().cpu().clone()
-        return self.triggers[chosen]
 
     # ---------------------------------------------------------------------------- records
 
@@ -377,7 +373,8 @@ class AdversarialFineTuning(Defense):
         self.surrogate_seeds = state.get("surrogate_seeds", [])  # not kept before 2026-12
         self.surrogate_prompts = state.get("surrogate_prompts", [])  # nor this
         self.attacks = state["attacks"]
-        self.triggers = state.get("triggers")  # kept since 2026-12
+        if state.get("triggers") is not None:  # kept since 2026-12, with `previous` only
+            self.triggers = state["triggers"]
 
     def report(self) -> dict:
         return {
